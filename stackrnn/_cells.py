@@ -1,0 +1,338 @@
+"""Recurrent cells: one time step of one layer, for one example.
+
+Parameters, shapes, gate order and initialisation follow PyTorch's `nn.RNN`, `nn.GRU`
+and `nn.LSTM` exactly, so weights move between the two without reshuffling.
+
+Each cell splits its step in two: `project_input` (the part that reads only the input,
+`weight_ih @ x + bias_ih`) and `recur` (the rest). `__call__` is their composition; a
+layer can instead project every time step at once and scan only `recur`.
+"""
+
+import abc
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._checks import check_like, check_size, check_vector
+from ._init import Initializer, PyTorchInit
+
+
+State = (
+    Float[Array, " hidden"] | tuple[Float[Array, " output"], Float[Array, " hidden"]]
+)
+
+
+def _default_float():
+    # float64 when the user enabled x64, else float32 (as Equinox's layers do).
+    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+class AbstractCell(eqx.Module):
+    """The contract every recurrent cell keeps.
+
+    A cell computes one time step for one example: `new_state = cell(x, state)`, and
+    `cell.output(state)` is what the next layer (or the readout) reads. A cell is split
+    into `project_input(x)`, which reads only the input, and `recur(gates_x, state)`, so
+    a layer can hoist the input projection of every time step out of the time loop.
+    """
+
+    input_size: eqx.AbstractVar[int]
+    hidden_size: eqx.AbstractVar[int]
+
+    @property
+    @abc.abstractmethod
+    def output_size(self) -> int:
+        """Size of `output(state)`: what the next layer reads."""
+
+    @abc.abstractmethod
+    def init_state(self) -> State:
+        """The all-zero state, PyTorch's default initial state."""
+
+    @abc.abstractmethod
+    def project_input(self, x: Float[Array, " input"]) -> Float[Array, " gates"]:
+        """`weight_ih @ x + bias_ih`: the part of a step that reads only the input."""
+
+    @abc.abstractmethod
+    def recur(self, gates_x: Float[Array, " gates"], state: State) -> State:
+        """The rest of a step, given `project_input(x)`."""
+
+    @abc.abstractmethod
+    def output(self, state: State) -> Float[Array, " output"]:
+        """The layer's output at a step, read from its state."""
+
+    def __call__(self, x: Float[Array, " input"], state: State) -> State:
+        """One time step.
+
+        **Arguments:**
+
+        - `x`: the input, a JAX array of shape `(input_size,)`.
+        - `state`: the previous state, structured as `init_state()`.
+
+        **Returns:**
+
+        The new state, structured as `init_state()`.
+        """
+        check_vector("x", x, self.input_size)
+        check_like("state", state, self.init_state())
+        return self.recur(self.project_input(x), state)
+
+
+def _params(init, key, dtype, hidden_size, shapes, bias):
+    """Draws PyTorch's parameters in PyTorch's order; `None` for absent biases."""
+    roles = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    keys = jax.random.split(key, len(roles))
+    out = {}
+    for role, k in zip(roles, keys):
+        if role.startswith("bias") and not bias:
+            out[role] = None
+        else:
+            out[role] = init(k, shapes[role], dtype, role=role, hidden_size=hidden_size)
+    return out
+
+
+def _affine(weight, x, bias):
+    y = weight @ x
+    return y if bias is None else y + bias
+
+
+def _check_config(input_size, hidden_size):
+    check_size("input_size", input_size)
+    check_size("hidden_size", hidden_size)
+
+
+class ElmanCell(AbstractCell):
+    """Elman cell, PyTorch's `nn.RNNCell`:
+    `h' = phi(W_ih x + b_ih + W_hh h + b_hh)` with `phi` tanh or relu.
+
+    **Arguments:**
+
+    - `input_size`: size of the input vector.
+    - `hidden_size`: size of the hidden state.
+    - `nonlinearity`: `"tanh"` (default) or `"relu"`. (Keyword only argument.)
+    - `bias`: whether to use `bias_ih` and `bias_hh`. (Keyword only argument.)
+    - `init`: the initialiser, default [`stackrnn.PyTorchInit`][].
+      (Keyword only argument.)
+    - `dtype`: parameter dtype; float32 unless JAX's x64 mode is on.
+      (Keyword only argument.)
+    - `key`: a `jax.random.PRNGKey` for the parameters. (Keyword only argument.)
+    """
+
+    weight_ih: Float[Array, "hidden input"]
+    weight_hh: Float[Array, "hidden hidden"]
+    bias_ih: Float[Array, " hidden"] | None
+    bias_hh: Float[Array, " hidden"] | None
+    input_size: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+    nonlinearity: Literal["tanh", "relu"] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        nonlinearity: Literal["tanh", "relu"] = "tanh",
+        bias: bool = True,
+        init: Initializer = PyTorchInit(),
+        dtype=None,
+        key: PRNGKeyArray,
+    ):
+        _check_config(input_size, hidden_size)
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(
+                f'`nonlinearity` must be "tanh" or "relu", got {nonlinearity!r}'
+            )
+        dtype = _default_float() if dtype is None else dtype
+        h, i = hidden_size, input_size
+        shapes = dict(weight_ih=(h, i), weight_hh=(h, h), bias_ih=(h,), bias_hh=(h,))
+        p = _params(init, key, dtype, hidden_size, shapes, bias)
+        self.weight_ih, self.weight_hh = p["weight_ih"], p["weight_hh"]
+        self.bias_ih, self.bias_hh = p["bias_ih"], p["bias_hh"]
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.nonlinearity = nonlinearity
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
+    def init_state(self) -> Float[Array, " hidden"]:
+        return jnp.zeros((self.hidden_size,), self.weight_hh.dtype)
+
+    def project_input(self, x):
+        return _affine(self.weight_ih, x, self.bias_ih)
+
+    def recur(self, gates_x, state):
+        pre = gates_x + _affine(self.weight_hh, state, self.bias_hh)
+        return jnp.tanh(pre) if self.nonlinearity == "tanh" else jax.nn.relu(pre)
+
+    def output(self, state):
+        return state
+
+
+class GRUCell(AbstractCell):
+    """Gated recurrent unit, PyTorch's `nn.GRUCell`. Gates in the order r, z, n:
+
+    ```
+    r  = sigmoid(W_ir x + b_ir + W_hr h + b_hr)
+    z  = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+    n  = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+    h' = (1 - z) * n + z * h
+    ```
+
+    `b_hn` sits inside the reset gate's product, as in PyTorch (and unlike the original
+    paper), which is why `bias_hh` is kept apart from `bias_ih`.
+
+    **Arguments:** as [`stackrnn.ElmanCell`][] without `nonlinearity`.
+    """
+
+    weight_ih: Float[Array, "3*hidden input"]
+    weight_hh: Float[Array, "3*hidden hidden"]
+    bias_ih: Float[Array, " 3*hidden"] | None
+    bias_hh: Float[Array, " 3*hidden"] | None
+    input_size: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        bias: bool = True,
+        init: Initializer = PyTorchInit(),
+        dtype=None,
+        key: PRNGKeyArray,
+    ):
+        _check_config(input_size, hidden_size)
+        dtype = _default_float() if dtype is None else dtype
+        h, i = hidden_size, input_size
+        shapes = dict(
+            weight_ih=(3 * h, i),
+            weight_hh=(3 * h, h),
+            bias_ih=(3 * h,),
+            bias_hh=(3 * h,),
+        )
+        p = _params(init, key, dtype, hidden_size, shapes, bias)
+        self.weight_ih, self.weight_hh = p["weight_ih"], p["weight_hh"]
+        self.bias_ih, self.bias_hh = p["bias_ih"], p["bias_hh"]
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
+    def init_state(self) -> Float[Array, " hidden"]:
+        return jnp.zeros((self.hidden_size,), self.weight_hh.dtype)
+
+    def project_input(self, x):
+        return _affine(self.weight_ih, x, self.bias_ih)
+
+    def recur(self, gates_x, state):
+        gates_h = _affine(self.weight_hh, state, self.bias_hh)
+        x_r, x_z, x_n = jnp.split(gates_x, 3)
+        h_r, h_z, h_n = jnp.split(gates_h, 3)
+        r = jax.nn.sigmoid(x_r + h_r)
+        z = jax.nn.sigmoid(x_z + h_z)
+        n = jnp.tanh(x_n + r * h_n)
+        return (1 - z) * n + z * state
+
+    def output(self, state):
+        return state
+
+
+class LSTMCell(AbstractCell):
+    """Long short-term memory, PyTorch's `nn.LSTM` step. Gates in the order i, f, g, o:
+
+    ```
+    i, f, g, o = split(W_ih x + b_ih + W_hh h + b_hh)
+    c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
+    h' = sigmoid(o) * tanh(c')            # then h' = W_hr h' when proj_size > 0
+    ```
+
+    The state is the tuple `(h, c)`; `h` has `proj_size` entries when `proj_size > 0`
+    (PyTorch's LSTM with projections), else `hidden_size`.
+
+    **Arguments:** as [`stackrnn.GRUCell`][], plus
+
+    - `proj_size`: size of the projected hidden state `h`; 0 (default) for none.
+      (Keyword only argument.)
+    """
+
+    weight_ih: Float[Array, "4*hidden input"]
+    weight_hh: Float[Array, "4*hidden output"]
+    bias_ih: Float[Array, " 4*hidden"] | None
+    bias_hh: Float[Array, " 4*hidden"] | None
+    weight_hr: Float[Array, "output hidden"] | None
+    input_size: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+    proj_size: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        proj_size: int = 0,
+        bias: bool = True,
+        init: Initializer = PyTorchInit(),
+        dtype=None,
+        key: PRNGKeyArray,
+    ):
+        _check_config(input_size, hidden_size)
+        check_size("proj_size", proj_size, minimum=0)
+        if proj_size >= hidden_size:
+            raise ValueError(
+                f"`proj_size` (={proj_size}) must be smaller than `hidden_size` "
+                f"(={hidden_size})"
+            )
+        dtype = _default_float() if dtype is None else dtype
+        h, i = hidden_size, input_size
+        out = proj_size or hidden_size
+        shapes = dict(
+            weight_ih=(4 * h, i),
+            weight_hh=(4 * h, out),
+            bias_ih=(4 * h,),
+            bias_hh=(4 * h,),
+        )
+        key, proj_key = jax.random.split(key)
+        p = _params(init, key, dtype, hidden_size, shapes, bias)
+        self.weight_ih, self.weight_hh = p["weight_ih"], p["weight_hh"]
+        self.bias_ih, self.bias_hh = p["bias_ih"], p["bias_hh"]
+        self.weight_hr = (
+            init(proj_key, (proj_size, h), dtype, role="weight_hr", hidden_size=h)
+            if proj_size
+            else None
+        )
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.proj_size = proj_size
+
+    @property
+    def output_size(self) -> int:
+        return self.proj_size or self.hidden_size
+
+    def init_state(self) -> tuple[Float[Array, " output"], Float[Array, " hidden"]]:
+        dtype = self.weight_hh.dtype
+        return (
+            jnp.zeros((self.output_size,), dtype),
+            jnp.zeros((self.hidden_size,), dtype),
+        )
+
+    def project_input(self, x):
+        return _affine(self.weight_ih, x, self.bias_ih)
+
+    def recur(self, gates_x, state):
+        h, c = state
+        gates = gates_x + _affine(self.weight_hh, h, self.bias_hh)
+        i, f, g, o = jnp.split(gates, 4)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        if self.weight_hr is not None:
+            h = self.weight_hr @ h
+        return h, c
+
+    def output(self, state):
+        return state[0]

@@ -1,0 +1,102 @@
+"""Argument checks shared by cells and stacks.
+
+Every check runs at trace time (shapes and dtypes are static under `jit`), so it costs
+nothing at run time, and names the argument, what was expected and what arrived.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+
+
+def check_size(name: str, value, *, minimum: int = 1) -> int:
+    """`value` must be a Python int >= `minimum` (bools are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_probability(name: str, value) -> float:
+    """`value` must be a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_floating(name: str, x) -> None:
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"`{name}` must be a floating-point array, got dtype {dtype}; "
+            f"convert it first, e.g. `{name}.astype(jnp.float32)`"
+        )
+
+
+def check_sequence(name: str, xs, input_size: int) -> None:
+    """`xs` must be a float array of shape `(time, input_size)` with time >= 1."""
+    check_floating(name, xs)
+    try:
+        chex.assert_shape(xs, (None, input_size))
+    except AssertionError:
+        hint = ""
+        if jnp.ndim(xs) == 3:
+            hint = (
+                ". Modules take one example: to run a batch, use `jax.vmap(model)(xs)`"
+            )
+        raise ValueError(
+            f"`{name}` must have shape (time, input_size={input_size}), "
+            f"got {jnp.shape(xs)}{hint}"
+        ) from None
+    if jnp.shape(xs)[0] < 1:
+        raise ValueError(
+            f"`{name}` must have at least one time step, got shape {jnp.shape(xs)}"
+        )
+
+
+def check_vector(name: str, x, size: int) -> None:
+    """`x` must be a float array of shape `(size,)`."""
+    check_floating(name, x)
+    try:
+        chex.assert_shape(x, (size,))
+    except AssertionError:
+        hint = ""
+        if jnp.ndim(x) == 2:
+            hint = ". Cells take one example: to run a batch, use `jax.vmap(cell)`"
+        raise ValueError(
+            f"`{name}` must have shape ({size},), got {jnp.shape(x)}{hint}"
+        ) from None
+
+
+def check_like(name: str, value, expected) -> None:
+    """`value` must have the tree structure, shapes and floating dtypes of `expected`."""
+    want = jax.tree.structure(expected)
+    got = jax.tree.structure(value)
+    if want != got:
+        raise ValueError(
+            f"`{name}` must have the structure of {_describe(expected)}, "
+            f"got {_describe(value)}"
+        )
+    for leaf, ref in zip(jax.tree.leaves(value), jax.tree.leaves(expected)):
+        if jnp.shape(leaf) != jnp.shape(ref):
+            raise ValueError(
+                f"`{name}` must be {_describe(expected)}, got {_describe(value)}"
+            )
+        check_floating(name, leaf)
+
+
+def _describe(tree) -> str:
+    def leaf(x):
+        return f"array{tuple(jnp.shape(x))}"
+
+    if isinstance(tree, tuple):
+        return (
+            "("
+            + ", ".join(_describe(t) for t in tree)
+            + ("," if len(tree) == 1 else "")
+            + ")"
+        )
+    if hasattr(tree, "shape"):
+        return leaf(tree)
+    return repr(tree)

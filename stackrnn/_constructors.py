@@ -1,0 +1,134 @@
+"""One-line constructors `RNN`, `GRU` and `LSTM`, argued like `torch.nn.GRU`."""
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import jax
+from jaxtyping import PRNGKeyArray
+
+from ._cells import AbstractCell, ElmanCell, GRUCell, LSTMCell
+from ._checks import check_size
+from ._init import Initializer, PyTorchInit
+from ._stack import StackedRNN
+
+
+def _widths(hidden_size, num_layers) -> tuple[int, ...]:
+    check_size("num_layers", num_layers)
+    if isinstance(hidden_size, Sequence):
+        widths = tuple(hidden_size)
+        if len(widths) != num_layers:
+            raise ValueError(
+                f"`hidden_size` lists {len(widths)} widths but `num_layers` is "
+                f"{num_layers}; give one width per layer"
+            )
+        for i, w in enumerate(widths):
+            check_size(f"hidden_size[{i}]", w)
+        return widths
+    return (check_size("hidden_size", hidden_size),) * num_layers
+
+
+def _build(
+    make: Callable[..., AbstractCell],
+    input_size,
+    hidden_size,
+    num_layers,
+    dropout,
+    unroll,
+    key,
+) -> StackedRNN:
+    check_size("input_size", input_size)
+    widths = _widths(hidden_size, num_layers)
+    cells = []
+    for width, k in zip(widths, jax.random.split(key, num_layers)):
+        cell = make(input_size, width, key=k)
+        cells.append(cell)
+        input_size = cell.output_size
+    return StackedRNN(cells, dropout=dropout, unroll=unroll)
+
+
+def RNN(
+    input_size: int,
+    hidden_size: int | Sequence[int],
+    num_layers: int = 1,
+    *,
+    nonlinearity: Literal["tanh", "relu"] = "tanh",
+    dropout: float = 0.0,
+    bias: bool = True,
+    init: Initializer = PyTorchInit(),
+    unroll: int = 1,
+    dtype=None,
+    key: PRNGKeyArray,
+) -> StackedRNN:
+    """A stack of Elman cells, like `torch.nn.RNN`.
+
+    **Arguments:**
+
+    - `input_size`: size of each input vector.
+    - `hidden_size`: width of every layer, or a sequence with one width per layer.
+    - `num_layers`: number of stacked layers.
+    - `nonlinearity`: `"tanh"` or `"relu"`. (Keyword only argument.)
+    - `dropout`: dropout probability between layers. (Keyword only argument.)
+    - `bias`: whether the cells have biases. (Keyword only argument.)
+    - `init`: the parameter initialiser: [`stackrnn.PyTorchInit`][] (default) or
+      [`stackrnn.NormalInit`][] (d2l's `StackedRNNScratch`). (Keyword only argument.)
+    - `unroll`: passed to `jax.lax.scan` over time. (Keyword only argument.)
+    - `dtype`: parameter dtype. (Keyword only argument.)
+    - `key`: a `jax.random.PRNGKey`. (Keyword only argument.)
+
+    **Returns:**
+
+    A [`stackrnn.StackedRNN`][].
+    """
+
+    def make(i, h, *, key):
+        return ElmanCell(
+            i, h, nonlinearity=nonlinearity, bias=bias, init=init, dtype=dtype, key=key
+        )
+
+    return _build(make, input_size, hidden_size, num_layers, dropout, unroll, key)
+
+
+def GRU(
+    input_size: int,
+    hidden_size: int | Sequence[int],
+    num_layers: int = 1,
+    *,
+    dropout: float = 0.0,
+    bias: bool = True,
+    init: Initializer = PyTorchInit(),
+    unroll: int = 1,
+    dtype=None,
+    key: PRNGKeyArray,
+) -> StackedRNN:
+    """A stack of GRU cells, like `torch.nn.GRU`. Arguments as [`stackrnn.RNN`][]
+    without `nonlinearity`."""
+
+    def make(i, h, *, key):
+        return GRUCell(i, h, bias=bias, init=init, dtype=dtype, key=key)
+
+    return _build(make, input_size, hidden_size, num_layers, dropout, unroll, key)
+
+
+def LSTM(
+    input_size: int,
+    hidden_size: int | Sequence[int],
+    num_layers: int = 1,
+    *,
+    proj_size: int = 0,
+    dropout: float = 0.0,
+    bias: bool = True,
+    init: Initializer = PyTorchInit(),
+    unroll: int = 1,
+    dtype=None,
+    key: PRNGKeyArray,
+) -> StackedRNN:
+    """A stack of LSTM cells, like `torch.nn.LSTM`. Arguments as [`stackrnn.GRU`][],
+    plus `proj_size` (keyword only): the size of each layer's projected output, 0 for
+    none. The state is a tuple `(h, c)`."""
+
+    def make(i, h, *, key):
+        return LSTMCell(
+            i, h, proj_size=proj_size, bias=bias, init=init, dtype=dtype, key=key
+        )
+
+    return _build(make, input_size, hidden_size, num_layers, dropout, unroll, key)
