@@ -1,0 +1,24 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def tree_allclose(x, y, *, rtol=1e-6, atol=1e-6) -> bool:
+    """Same structure and all leaves close (exact when rtol = atol = 0)."""
+    if jax.tree.structure(x) != jax.tree.structure(y):
+        return False
+    return all(
+        jnp.shape(a) == jnp.shape(b)
+        and np.allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+        for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y))
+    )
+
+
+def tree_equal(x, y) -> bool:
+    """Bit-for-bit equality of two PyTrees of arrays."""
+    if jax.tree.structure(x) != jax.tree.structure(y):
+        return False
+    return all(
+        jnp.shape(a) == jnp.shape(b) and np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y))
+    )
