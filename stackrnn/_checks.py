@@ -70,7 +70,7 @@ def check_vector(name: str, x, size: int) -> None:
 
 
 def check_like(name: str, value, expected) -> None:
-    """`value` must have the tree structure, shapes and floating dtypes of `expected`."""
+    """`value` must have the tree structure, shapes and float dtypes of `expected`."""
     want = jax.tree.structure(expected)
     got = jax.tree.structure(value)
     if want != got:
@@ -87,16 +87,9 @@ def check_like(name: str, value, expected) -> None:
 
 
 def _describe(tree) -> str:
-    def leaf(x):
-        return f"array{tuple(jnp.shape(x))}"
-
     if isinstance(tree, tuple):
-        return (
-            "("
-            + ", ".join(_describe(t) for t in tree)
-            + ("," if len(tree) == 1 else "")
-            + ")"
-        )
+        inner = ", ".join(_describe(t) for t in tree)
+        return f"a tuple ({inner})"
     if hasattr(tree, "shape"):
-        return leaf(tree)
+        return f"an array of shape {tuple(tree.shape)}"
     return repr(tree)

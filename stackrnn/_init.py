@@ -1,9 +1,10 @@
 """Parameter initialisers for the recurrent cells.
 
-An initialiser is a callable `init(key, shape, dtype, *, role, hidden_size)` that returns
-one parameter array. `role` names the parameter in PyTorch's words (`"weight_ih"`,
-`"weight_hh"`, `"bias_ih"`, `"bias_hh"`, `"weight_hr"`), so an initialiser can treat
-recurrent weights or biases differently without knowing the cell type.
+An initialiser is a callable `init(key, shape, dtype, *, role, hidden_size)` that
+returns one parameter array. `role` names the parameter in PyTorch's words
+(`"weight_ih"`, `"weight_hh"`, `"bias_ih"`, `"bias_hh"`, `"weight_hr"`), so an
+initialiser can treat recurrent weights or biases differently without knowing the
+cell type.
 """
 
 import dataclasses
@@ -46,8 +47,8 @@ class PyTorchInit:
 
 @dataclasses.dataclass(frozen=True)
 class NormalInit:
-    """d2l's from-scratch initialisation (`StackedRNNScratch`, `GRUScratch`): weights from
-    N(0, sigma^2), biases zero.
+    """d2l's from-scratch initialisation (`StackedRNNScratch`, `GRUScratch`): weights
+    from N(0, sigma^2), biases zero.
 
     **Arguments:**
 

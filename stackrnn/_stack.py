@@ -31,7 +31,7 @@ class StackedRNN(eqx.Module):
 
     **Arguments:**
 
-    - `cells`: a non-empty sequence of cells (subclasses of [`stackrnn.AbstractCell`][]),
+    - `cells`: a non-empty sequence of cells (each an [`stackrnn.AbstractCell`][]),
       bottom first; each cell's `input_size` must equal the `output_size` of the cell
       below. Widths may differ between layers.
     - `dropout`: probability in [0, 1) of zeroing each input of layers 2..L during
