@@ -1,0 +1,102 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import stackrnn
+
+
+KEY = jr.key(0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_parameter_shapes_follow_pytorch(bias):
+    i, h, p = 3, 8, 5
+    elman = stackrnn.ElmanCell(i, h, bias=bias, key=KEY)
+    gru = stackrnn.GRUCell(i, h, bias=bias, key=KEY)
+    lstm = stackrnn.LSTMCell(i, h, proj_size=p, bias=bias, key=KEY)
+    for cell, gates, recurrent in ((elman, 1, h), (gru, 3, h), (lstm, 4, p)):
+        assert cell.weight_ih.shape == (gates * h, i)
+        assert cell.weight_hh.shape == (gates * h, recurrent)
+        if bias:
+            assert cell.bias_ih.shape == cell.bias_hh.shape == (gates * h,)
+        else:
+            assert cell.bias_ih is None and cell.bias_hh is None
+    assert lstm.weight_hr.shape == (p, h)
+    assert stackrnn.LSTMCell(i, h, key=KEY).weight_hr is None
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        stackrnn.ElmanCell(5, 64, key=KEY),
+        stackrnn.GRUCell(5, 64, key=KEY),
+        stackrnn.LSTMCell(5, 64, proj_size=16, key=KEY),
+    ],
+    ids=["elman", "gru", "lstm"],
+)
+def test_pytorch_uniform_init(cell):
+    bound = 1 / math.sqrt(64)
+    for leaf in jax.tree.leaves(cell):
+        assert float(jnp.max(jnp.abs(leaf))) <= bound
+        # U(-b, b) fills its range: the extremes of a few hundred draws come close.
+        assert float(jnp.max(leaf)) > 0.9 * bound
+        assert float(jnp.min(leaf)) < -0.9 * bound
+        assert abs(float(jnp.std(leaf)) - bound / math.sqrt(3)) < 0.2 * bound
+
+
+def test_dtype_follows_argument():
+    cell = stackrnn.GRUCell(2, 3, dtype=jnp.bfloat16, key=KEY)
+    assert cell.weight_ih.dtype == jnp.bfloat16
+    assert cell.init_state().dtype == jnp.bfloat16
+
+
+def _torch_pair(kind, bias, proj_size, seed):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(seed)
+    i, h = 3, 5
+    if kind == "elman_tanh" or kind == "elman_relu":
+        nl = kind.split("_")[1]
+        ref = torch.nn.RNN(i, h, bias=bias, nonlinearity=nl)
+        cell = stackrnn.ElmanCell(i, h, nonlinearity=nl, bias=bias, key=KEY)
+    elif kind == "gru":
+        ref = torch.nn.GRU(i, h, bias=bias)
+        cell = stackrnn.GRUCell(i, h, bias=bias, key=KEY)
+    else:
+        ref = torch.nn.LSTM(i, h, bias=bias, proj_size=proj_size)
+        cell = stackrnn.LSTMCell(i, h, proj_size=proj_size, bias=bias, key=KEY)
+    params = {
+        k[: -len("_l0")]: jnp.asarray(v.detach().numpy())
+        for k, v in ref.state_dict().items()
+    }
+    for name, value in params.items():
+        assert getattr(cell, name).shape == value.shape, name
+        cell = _replace(cell, name, value)
+    return torch, ref, cell
+
+
+def _replace(cell, name, value):
+    import equinox as eqx
+
+    return eqx.tree_at(lambda c: getattr(c, name), cell, value)
+
+
+@pytest.mark.parametrize(
+    "kind, proj_size",
+    [("elman_tanh", 0), ("elman_relu", 0), ("gru", 0), ("lstm", 0), ("lstm", 2)],
+)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_matches_pytorch_with_its_weights(kind, proj_size, bias):
+    """With PyTorch's weights copied in unchanged, a cell scanned over time gives
+    PyTorch's outputs: same parameter layout, gate order and bias placement."""
+    torch, ref, cell = _torch_pair(kind, bias, proj_size, seed=1)
+    xs = np.random.default_rng(0).standard_normal((7, 3)).astype(np.float32)
+    with torch.no_grad():
+        want, _ = ref(torch.from_numpy(xs))
+    stack = stackrnn.StackedRNN([cell])
+    ys, _ = stack(jnp.asarray(xs))
+    np.testing.assert_allclose(ys, want.numpy(), rtol=1e-5, atol=1e-6)

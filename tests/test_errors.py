@@ -1,0 +1,145 @@
+"""Bad input gets a clear error that names the argument, the expected and the received
+value."""
+
+import re
+
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+import stackrnn
+
+
+KEY = jr.key(0)
+
+
+def _raises(exc, *fragments):
+    """Expect `exc` whose message contains every fragment, in order."""
+    pattern = ".*".join(re.escape(f) for f in fragments)
+    return pytest.raises(exc, match=pattern)
+
+
+@pytest.fixture(scope="module")
+def gru():
+    return stackrnn.GRU(3, 4, num_layers=2, dropout=0.5, key=KEY)
+
+
+@pytest.fixture(scope="module")
+def lstm():
+    return stackrnn.LSTM(3, 4, num_layers=2, key=KEY)
+
+
+def test_wrong_rank(gru):
+    with _raises(ValueError, "`xs`", "(time, input_size=3)", "got (3,)"):
+        gru(jnp.ones((3,)), inference=True)
+    with _raises(ValueError, "`xs`", "got (2, 5, 3)", "jax.vmap"):
+        gru(jnp.ones((2, 5, 3)), inference=True)
+
+
+def test_wrong_feature_size(gru):
+    with _raises(ValueError, "`xs`", "input_size=3", "got (5, 2)"):
+        gru(jnp.ones((5, 2)), inference=True)
+
+
+def test_empty_sequence(gru):
+    with _raises(ValueError, "`xs`", "at least one time step", "(0, 3)"):
+        gru(jnp.ones((0, 3)), inference=True)
+
+
+def test_integer_inputs(gru):
+    with _raises(TypeError, "`xs`", "floating-point", "int32"):
+        gru(jnp.ones((5, 3), jnp.int32), inference=True)
+
+
+def test_wrong_state_shape(gru):
+    with _raises(ValueError, "`state`", "(2, 4)", "(3, 4)"):
+        gru(jnp.ones((5, 3)), jnp.zeros((3, 4)), inference=True)
+
+
+def test_wrong_state_structure(lstm):
+    with _raises(ValueError, "`state`", "a tuple", "(2, 4)", "got an array"):
+        lstm(jnp.ones((5, 3)), jnp.zeros((2, 4)))
+
+
+def test_integer_state(gru):
+    with _raises(TypeError, "`state`", "floating-point"):
+        gru(jnp.ones((5, 3)), jnp.zeros((2, 4), jnp.int32), inference=True)
+
+
+def test_missing_dropout_key(gru):
+    with _raises(RuntimeError, "`dropout` (=0.5)", "requires a `key`"):
+        gru(jnp.ones((5, 3)))
+
+
+@pytest.mark.parametrize("make", [stackrnn.RNN, stackrnn.GRU, stackrnn.LSTM])
+@pytest.mark.parametrize(
+    "kwargs, fragments",
+    [
+        (dict(num_layers=0), ("`num_layers`", ">= 1", "got 0")),
+        (dict(num_layers=2.0), ("`num_layers`", "integer", "got 2.0")),
+        (dict(hidden_size=0), ("`hidden_size`", ">= 1", "got 0")),
+        (dict(hidden_size=True), ("`hidden_size`", "integer", "got True")),
+        (dict(input_size=0), ("`input_size`", ">= 1", "got 0")),
+        (dict(hidden_size=[4, 0], num_layers=2), ("`hidden_size[1]`", "got 0")),
+        (
+            dict(hidden_size=[4, 4]),
+            ("`hidden_size` lists 2 widths", "`num_layers` is 1"),
+        ),
+        (dict(dropout=-0.1), ("`dropout`", "[0, 1)", "got -0.1")),
+        (dict(dropout=1.0), ("`dropout`", "[0, 1)", "got 1.0")),
+        (dict(dropout="0.5"), ("`dropout`", "number", "got '0.5'")),
+        (dict(unroll=0), ("`unroll`", ">= 1", "got 0")),
+    ],
+)
+def test_bad_configuration(make, kwargs, fragments):
+    args = dict(input_size=3, hidden_size=4, num_layers=1)
+    args.update(kwargs)
+    with _raises(ValueError, *fragments):
+        make(**args, key=KEY)
+
+
+def test_bad_nonlinearity():
+    with _raises(ValueError, "`nonlinearity`", '"tanh" or "relu"', "'sigmoid'"):
+        stackrnn.RNN(3, 4, nonlinearity="sigmoid", key=KEY)
+
+
+def test_bad_proj_size():
+    with _raises(ValueError, "`proj_size` (=4)", "smaller than `hidden_size` (=4)"):
+        stackrnn.LSTM(3, 4, proj_size=4, key=KEY)
+    with _raises(ValueError, "`proj_size`", ">= 0", "got -1"):
+        stackrnn.LSTMCell(3, 4, proj_size=-1, key=KEY)
+
+
+def test_bad_sigma():
+    with _raises(ValueError, "`sigma`", ">= 0", "-1"):
+        stackrnn.NormalInit(-1.0)
+
+
+def test_dropout_with_one_layer_warns():
+    with pytest.warns(UserWarning, match="`dropout` \\(=0.5\\) has no effect"):
+        stackrnn.GRU(3, 4, num_layers=1, dropout=0.5, key=KEY)
+
+
+def test_bad_cells():
+    with _raises(ValueError, "`cells`", "at least one"):
+        stackrnn.StackedRNN([])
+    with _raises(TypeError, "`cells[0]`", "AbstractCell", "Linear"):
+        import equinox as eqx
+
+        stackrnn.StackedRNN([eqx.nn.Linear(2, 2, key=KEY)])
+    a = stackrnn.GRUCell(3, 4, key=KEY)
+    b = stackrnn.GRUCell(5, 4, key=KEY)
+    with _raises(
+        ValueError, "`cells[1].input_size` (=5)", "`cells[0].output_size` (=4)"
+    ):
+        stackrnn.StackedRNN([a, b])
+
+
+def test_cell_inputs():
+    cell = stackrnn.LSTMCell(3, 4, key=KEY)
+    with _raises(ValueError, "`x`", "(3,)", "got (2, 3)", "jax.vmap"):
+        cell(jnp.ones((2, 3)), cell.init_state())
+    with _raises(ValueError, "`state`", "a tuple"):
+        cell(jnp.ones((3,)), jnp.zeros((4,)))
+    with _raises(TypeError, "`x`", "floating-point"):
+        cell(jnp.ones((3,), jnp.int32), cell.init_state())
