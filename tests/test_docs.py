@@ -1,0 +1,25 @@
+"""Every ```python block in the README and docs/ runs, so examples cannot rot.
+
+Blocks of one page run in order in one namespace, as a reader would paste them.
+"""
+
+import pathlib
+import re
+
+import pytest
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if BLOCK.search(p.read_text())], ids=lambda p: p.name
+)
+def test_code_blocks_run(page, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__docs__"}
+    for i, block in enumerate(BLOCK.findall(page.read_text())):
+        code = compile(block, f"{page.relative_to(ROOT)}[block {i}]", "exec")
+        exec(code, namespace)
