@@ -1,0 +1,356 @@
+"""PyTorch interop: exact weight import and export for `torch.nn.RNN`, `torch.nn.GRU`
+and `torch.nn.LSTM`.
+
+Our cells keep PyTorch's parameter names, shapes and gate order, so layer `k`'s
+`weight_ih_l{k}`, `weight_hh_l{k}`, `bias_ih_l{k}`, `bias_hh_l{k}` and
+`weight_hr_l{k}` are `stack.cells[k].weight_ih` and so on, copied bit for bit.
+"""
+
+try:
+    import torch
+except ImportError as e:
+    raise ImportError(
+        '`stackrnn.interop.torch` needs PyTorch: pip install "stackrnn[torch]"'
+    ) from e
+
+import re
+from collections.abc import Mapping
+from typing import Literal
+
+import jax
+import numpy as np
+
+from .._cells import AbstractCell, ElmanCell, GRUCell, LSTMCell
+from .._stack import StackedRNN
+
+
+Cell = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
+
+_CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
+_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+_FROM_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "GRU": "gru"}
+_FROM_MODE["LSTM"] = "lstm"
+_DTYPES = (np.float16, np.float32, np.float64)
+_LAYER_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)$")
+
+
+def _key(role: str, layer: int) -> str:
+    # Bidirectional stacks will add `_reverse` keys for direction 1 here.
+    return f"{role}_l{layer}"
+
+
+def _roles(bias: bool, proj_size: int) -> tuple[str, ...]:
+    """A layer's parameters, in PyTorch's `_flat_weights_names` order."""
+    roles = ("weight_ih", "weight_hh")
+    if bias:
+        roles += ("bias_ih", "bias_hh")
+    if proj_size:
+        roles += ("weight_hr",)
+    return roles
+
+
+def _describe(cell, input_size, hidden_size, num_layers, bias, proj_size) -> str:
+    proj = f", proj_size={proj_size}" if cell == "lstm" else ""
+    return (
+        f"a {num_layers}-layer {cell!r} stack (input_size={input_size}, "
+        f"hidden_size={hidden_size}, bias={bias}{proj})"
+    )
+
+
+def _expected_shapes(cell, input_size, hidden_size, num_layers, bias, proj_size):
+    gates = _GATES[cell] * hidden_size
+    out = proj_size or hidden_size
+    shapes = {}
+    for layer in range(num_layers):
+        fan_in = input_size if layer == 0 else out
+        layer_shapes = dict(
+            weight_ih=(gates, fan_in),
+            weight_hh=(gates, out),
+            bias_ih=(gates,),
+            bias_hh=(gates,),
+            weight_hr=(proj_size, hidden_size),
+        )
+        for role in _roles(bias, proj_size):
+            shapes[_key(role, layer)] = layer_shapes[role]
+    return shapes
+
+
+def _to_numpy(name, value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in (torch.float16, torch.float32, torch.float64):
+            raise TypeError(
+                f"`{name}` has dtype {value.dtype}; supported are float16, float32 "
+                "and float64: cast the module first, e.g. `module.float()`"
+            )
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _read_config(cell, arrays):
+    """Infers `(input_size, hidden_size, num_layers, bias, proj_size)` from a state
+    dict's layer-0 parameters; the full check against them comes after."""
+    reverse = sorted(k for k in arrays if k.endswith("_reverse"))
+    if reverse:
+        raise NotImplementedError(
+            f"bidirectional state dicts (keys {reverse}) are not supported yet"
+        )
+    for name in ("weight_ih_l0", "weight_hh_l0"):
+        if name not in arrays or arrays[name].ndim != 2:
+            found = arrays[name].shape if name in arrays else "missing"
+            raise ValueError(
+                f"a {cell!r} state dict needs a 2-D `{name}`, found {found}; "
+                f"keys found: {sorted(arrays)}"
+            )
+    proj_size, hidden_size = 0, arrays["weight_hh_l0"].shape[1]
+    if cell == "lstm" and "weight_hr_l0" in arrays:
+        proj_size, hidden_size = arrays["weight_hr_l0"].shape[:2]
+    layers = [int(m[2]) for m in map(_LAYER_KEY.match, arrays) if m]
+    bias = "bias_ih_l0" in arrays or "bias_hh_l0" in arrays
+    input_size = arrays["weight_ih_l0"].shape[1]
+    return input_size, hidden_size, max(layers) + 1, bias, proj_size
+
+
+def _check_state_dict(arrays, config):
+    """Keys, shapes and one floating dtype, each error listing expected and found."""
+    cell = config[0]
+    want = _expected_shapes(*config)
+    missing = [k for k in want if k not in arrays]
+    unexpected = sorted(k for k in arrays if k not in want)
+    if missing or unexpected:
+        raise ValueError(
+            f"the state dict does not match {_describe(*config)}: "
+            f"missing keys {missing}, unexpected keys {unexpected}. "
+            f"Expected keys: {list(want)}"
+        )
+    wrong = [
+        f"`{k}`: expected {shape}, found {arrays[k].shape}"
+        for k, shape in want.items()
+        if arrays[k].shape != shape
+    ]
+    if wrong:
+        hint = ""
+        rows, cols = arrays["weight_hh_l0"].shape
+        fits = [c for c in _CELLS if rows == _GATES[c] * want["weight_hh_l0"][1]]
+        if fits and cell not in fits:
+            hint = f". `weight_hh_l0` has the shape of a {' or '.join(fits)} layer"
+        raise ValueError(
+            f"the state dict does not match {_describe(*config)}; wrong shapes: "
+            + "; ".join(wrong)
+            + hint
+        )
+    dtypes = sorted({str(a.dtype) for a in arrays.values()})
+    if len(dtypes) != 1 or np.dtype(dtypes[0]) not in _DTYPES:
+        raise TypeError(
+            "the state dict's tensors must share one dtype among float16, float32 "
+            f"and float64, found {dtypes}"
+        )
+    if dtypes[0] == "float64" and not jax.config.jax_enable_x64:
+        raise TypeError(
+            "the state dict holds float64 tensors but JAX's 64-bit mode is off: "
+            'enable it with `jax.config.update("jax_enable_x64", True)` before '
+            "importing, or cast the module first with `module.float()`"
+        )
+
+
+def _make_cell(cell, fan_in, hidden_size, bias, proj_size, params) -> AbstractCell:
+    # The cells' initialiser hook hands each parameter over by its PyTorch role, so
+    # the arrays go in untouched; the key is required by the signature but unused.
+    def init(key, shape, dtype, *, role, hidden_size):
+        return params[role]
+
+    kwargs = dict(
+        bias=bias,
+        init=init,
+        dtype=params["weight_ih"].dtype,
+        key=jax.random.key(0),
+    )
+    if cell == "gru":
+        return GRUCell(fan_in, hidden_size, **kwargs)
+    if cell == "lstm":
+        return LSTMCell(fan_in, hidden_size, proj_size=proj_size, **kwargs)
+    return ElmanCell(fan_in, hidden_size, nonlinearity=cell[4:], **kwargs)
+
+
+def from_torch(
+    module_or_state_dict: "torch.nn.RNNBase | Mapping[str, torch.Tensor]",
+    *,
+    cell: Cell | None = None,
+    dropout: float | None = None,
+) -> StackedRNN:
+    """Builds a [`stackrnn.StackedRNN`][] holding a PyTorch RNN's weights, bit for bit.
+
+    Layer `k`'s `weight_ih_l{k}`, `weight_hh_l{k}`, `bias_ih_l{k}`, `bias_hh_l{k}`
+    and `weight_hr_l{k}` become `cells[k].weight_ih` and so on, in their dtype
+    (float16, float32 or float64; float64 needs JAX's 64-bit mode). Every key and
+    shape is checked: a mismatch raises an error listing what was expected and what
+    was found.
+
+    The result takes one sequence `(time, input_size)`, as every stackrnn module
+    does; see the docs page "PyTorch interop" for running it on PyTorch's
+    `(time, batch, input_size)` layout and initial states.
+
+    **Arguments:**
+
+    - `module_or_state_dict`: a `torch.nn.RNN`, `torch.nn.GRU` or `torch.nn.LSTM`
+      (unidirectional; `batch_first` is irrelevant to the weights), or its
+      `state_dict()`.
+    - `cell`: the cell type, `"rnn_tanh"`, `"rnn_relu"`, `"gru"` or `"lstm"`.
+      Required for a state dict, which does not record it; checked against a
+      module's. (Keyword only argument.)
+    - `dropout`: dropout between layers; defaults to the module's `dropout`, or 0
+      for a state dict. (Keyword only argument.)
+
+    **Returns:**
+
+    A [`stackrnn.StackedRNN`][] with `num_layers` cells of the given type.
+    """
+    if isinstance(module_or_state_dict, torch.nn.RNNBase):
+        module = module_or_state_dict
+        if module.mode not in _FROM_MODE:
+            raise TypeError(f"unsupported PyTorch RNN mode {module.mode!r}")
+        found = _FROM_MODE[module.mode]
+        if cell is not None and cell != found:
+            raise ValueError(
+                f"`cell` (={cell!r}) does not match the module, a "
+                f"{type(module).__name__} of cell type {found!r}"
+            )
+        if module.bidirectional:
+            raise NotImplementedError(
+                "bidirectional PyTorch RNNs are not supported yet; got "
+                f"{type(module).__name__}(bidirectional=True)"
+            )
+        cell = found
+        config = (
+            cell,
+            module.input_size,
+            module.hidden_size,
+            module.num_layers,
+            module.bias,
+            getattr(module, "proj_size", 0),
+        )
+        if dropout is None:
+            dropout = module.dropout
+        state_dict = module.state_dict()
+    elif isinstance(module_or_state_dict, Mapping):
+        if cell not in _CELLS:
+            raise ValueError(
+                f"`cell` must name the cell type of a state dict, one of {_CELLS}, "
+                f"got {cell!r}"
+            )
+        state_dict = module_or_state_dict
+        config = None
+    else:
+        raise TypeError(
+            "`module_or_state_dict` must be a torch.nn.RNN, torch.nn.GRU or "
+            "torch.nn.LSTM, or the state dict of one, got "
+            f"{type(module_or_state_dict).__name__}"
+        )
+    arrays = {k: _to_numpy(k, v) for k, v in state_dict.items()}
+    if config is None:
+        config = (cell, *_read_config(cell, arrays))
+    _check_state_dict(arrays, config)
+    _, input_size, hidden_size, num_layers, bias, proj_size = config
+    cells = []
+    for layer in range(num_layers):
+        params = {
+            role: jax.numpy.asarray(arrays[_key(role, layer)])
+            for role in _roles(bias, proj_size)
+        }
+        fan_in = input_size if layer == 0 else (proj_size or hidden_size)
+        cells.append(_make_cell(cell, fan_in, hidden_size, bias, proj_size, params))
+    return StackedRNN(cells, dropout=0.0 if dropout is None else dropout)
+
+
+def _stack_config(stack: StackedRNN):
+    """The PyTorch configuration of `stack`, or an error naming the layer that has
+    none: PyTorch's modules hold one cell type and one width for all layers."""
+    if not isinstance(stack, StackedRNN):
+        raise TypeError(f"`stack` must be a stackrnn.StackedRNN, got {type(stack)}")
+    configs = []
+    for i, c in enumerate(stack.cells):
+        if isinstance(c, ElmanCell):
+            kind = f"rnn_{c.nonlinearity}"
+        elif isinstance(c, GRUCell):
+            kind = "gru"
+        elif isinstance(c, LSTMCell):
+            kind = "lstm"
+        else:
+            raise TypeError(
+                f"`stack.cells[{i}]` is a {type(c).__name__}; PyTorch has only "
+                "ElmanCell, GRUCell and LSTMCell stacks"
+            )
+        configs.append(
+            dict(
+                cell=kind,
+                hidden_size=c.hidden_size,
+                bias=c.bias_ih is not None,
+                proj_size=getattr(c, "proj_size", 0),
+            )
+        )
+    for i, layer in enumerate(configs[1:], 1):
+        for name, value in layer.items():
+            if value != configs[0][name]:
+                raise ValueError(
+                    f"a PyTorch RNN has one `{name}` for all layers, but "
+                    f"`stack.cells[0]` has {name}={configs[0][name]!r} and "
+                    f"`stack.cells[{i}]` has {name}={value!r}"
+                )
+    return configs[0]
+
+
+def to_torch(stack: StackedRNN) -> dict[str, "torch.Tensor"]:
+    """Exports a stack's weights as a PyTorch state dict, bit for bit.
+
+    The inverse of [`stackrnn.interop.torch.from_torch`][]: the keys, their order,
+    shapes and dtypes are those of the matching `torch.nn.RNN`, `torch.nn.GRU` or
+    `torch.nn.LSTM`'s `state_dict()`. Any PyTree shaped as `stack` works, e.g. its
+    gradients from `eqx.filter_grad`.
+
+    **Arguments:**
+
+    - `stack`: a [`stackrnn.StackedRNN`][] whose layers share one cell type, width,
+      bias setting and (LSTM) `proj_size`, as PyTorch's modules require.
+
+    **Returns:**
+
+    A dict from PyTorch's parameter names to CPU `torch.Tensor`s.
+    """
+    config = _stack_config(stack)
+    return {
+        _key(role, layer): torch.from_numpy(np.array(getattr(c, role)))
+        for layer, c in enumerate(stack.cells)
+        for role in _roles(config["bias"], config["proj_size"])
+    }
+
+
+def to_torch_module(stack: StackedRNN) -> "torch.nn.RNNBase":
+    """A ready PyTorch module computing what `stack` computes.
+
+    **Arguments:**
+
+    - `stack`: as for [`stackrnn.interop.torch.to_torch`][].
+
+    **Returns:**
+
+    A `torch.nn.RNN`, `torch.nn.GRU` or `torch.nn.LSTM` (with `batch_first=False`,
+    the stack's `dropout`, and its parameters' dtype) holding `to_torch(stack)`.
+    """
+    config = _stack_config(stack)
+    state_dict = to_torch(stack)
+    cell = config["cell"]
+    kwargs = dict(
+        input_size=stack.input_size,
+        hidden_size=config["hidden_size"],
+        num_layers=stack.num_layers,
+        bias=config["bias"],
+        dropout=stack.dropout,
+        dtype=state_dict["weight_ih_l0"].dtype,
+    )
+    if cell == "gru":
+        module = torch.nn.GRU(**kwargs)
+    elif cell == "lstm":
+        module = torch.nn.LSTM(proj_size=config["proj_size"], **kwargs)
+    else:
+        module = torch.nn.RNN(nonlinearity=cell[4:], **kwargs)
+    module.load_state_dict(state_dict)
+    return module
