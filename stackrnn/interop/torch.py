@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .._cells import AbstractCell, ElmanCell, GRUCell, LSTMCell
@@ -28,8 +29,12 @@ Cell = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
 
 _CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
-_FROM_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "GRU": "gru"}
-_FROM_MODE["LSTM"] = "lstm"
+_FROM_MODE = {
+    "RNN_TANH": "rnn_tanh",
+    "RNN_RELU": "rnn_relu",
+    "GRU": "gru",
+    "LSTM": "lstm",
+}
 _DTYPES = (np.float16, np.float32, np.float64)
 _LAYER_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)$")
 
@@ -132,7 +137,8 @@ def _check_state_dict(arrays, config):
         rows, cols = arrays["weight_hh_l0"].shape
         fits = [c for c in _CELLS if rows == _GATES[c] * want["weight_hh_l0"][1]]
         if fits and cell not in fits:
-            hint = f". `weight_hh_l0` has the shape of a {' or '.join(fits)} layer"
+            names = " or ".join(repr(c) for c in fits)
+            hint = f". `weight_hh_l0` has the shape of a {names} layer: check `cell`"
         raise ValueError(
             f"the state dict does not match {_describe(*config)}; wrong shapes: "
             + "; ".join(wrong)
@@ -147,8 +153,8 @@ def _check_state_dict(arrays, config):
     if dtypes[0] == "float64" and not jax.config.jax_enable_x64:
         raise TypeError(
             "the state dict holds float64 tensors but JAX's 64-bit mode is off: "
-            'enable it with `jax.config.update("jax_enable_x64", True)` before '
-            "importing, or cast the module first with `module.float()`"
+            'enable it first with `jax.config.update("jax_enable_x64", True)`, '
+            "or cast the module first with `module.float()`"
         )
 
 
@@ -253,7 +259,7 @@ def from_torch(
     cells = []
     for layer in range(num_layers):
         params = {
-            role: jax.numpy.asarray(arrays[_key(role, layer)])
+            role: jnp.asarray(arrays[_key(role, layer)])
             for role in _roles(bias, proj_size)
         }
         fan_in = input_size if layer == 0 else (proj_size or hidden_size)
