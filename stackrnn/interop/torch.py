@@ -29,7 +29,7 @@ Cell = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
 
 _CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
-_FROM_MODE = {
+_FROM_MODE: dict[str, Cell] = {
     "RNN_TANH": "rnn_tanh",
     "RNN_RELU": "rnn_relu",
     "GRU": "gru",
@@ -164,17 +164,17 @@ def _make_cell(cell, fan_in, hidden_size, bias, proj_size, params) -> AbstractCe
     def init(key, shape, dtype, *, role, hidden_size):
         return params[role]
 
-    kwargs = dict(
-        bias=bias,
-        init=init,
-        dtype=params["weight_ih"].dtype,
-        key=jax.random.key(0),
-    )
+    args = (fan_in, hidden_size)
+    dtype, key = params["weight_ih"].dtype, jax.random.key(0)
     if cell == "gru":
-        return GRUCell(fan_in, hidden_size, **kwargs)
+        return GRUCell(*args, bias=bias, init=init, dtype=dtype, key=key)
     if cell == "lstm":
-        return LSTMCell(fan_in, hidden_size, proj_size=proj_size, **kwargs)
-    return ElmanCell(fan_in, hidden_size, nonlinearity=cell[4:], **kwargs)
+        return LSTMCell(
+            *args, proj_size=proj_size, bias=bias, init=init, dtype=dtype, key=key
+        )
+    return ElmanCell(
+        *args, nonlinearity=cell[4:], bias=bias, init=init, dtype=dtype, key=key
+    )
 
 
 def from_torch(
