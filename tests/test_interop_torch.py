@@ -297,6 +297,13 @@ def test_missing_first_layer_weight():
         from_torch(state_dict, cell="gru")
 
 
+def test_projection_must_be_a_matrix():
+    state_dict = dict(torch.nn.LSTM(3, 4, proj_size=2).state_dict())
+    state_dict["weight_hr_l0"] = torch.zeros(8)
+    with pytest.raises(ValueError, match=r"needs a 2-D `weight_hr_l0`, found \(8,\)"):
+        from_torch(state_dict, cell="lstm")
+
+
 def test_wrong_shape():
     state_dict = gru_state_dict()
     state_dict["weight_hh_l1"] = torch.zeros(12, 5)

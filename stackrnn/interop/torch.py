@@ -99,7 +99,8 @@ def _read_config(cell, arrays):
         raise NotImplementedError(
             f"bidirectional state dicts (keys {reverse}) are not supported yet"
         )
-    for name in ("weight_ih_l0", "weight_hh_l0"):
+    projected = cell == "lstm" and "weight_hr_l0" in arrays
+    for name in ("weight_ih_l0", "weight_hh_l0") + ("weight_hr_l0",) * projected:
         if name not in arrays or arrays[name].ndim != 2:
             found = arrays[name].shape if name in arrays else "missing"
             raise ValueError(
@@ -107,8 +108,8 @@ def _read_config(cell, arrays):
                 f"keys found: {sorted(arrays)}"
             )
     proj_size, hidden_size = 0, arrays["weight_hh_l0"].shape[1]
-    if cell == "lstm" and "weight_hr_l0" in arrays:
-        proj_size, hidden_size = arrays["weight_hr_l0"].shape[:2]
+    if projected:
+        proj_size, hidden_size = arrays["weight_hr_l0"].shape
     layers = [int(m[2]) for m in map(_LAYER_KEY.match, arrays) if m]
     bias = "bias_ih_l0" in arrays or "bias_hh_l0" in arrays
     input_size = arrays["weight_ih_l0"].shape[1]
