@@ -15,7 +15,7 @@ except ImportError as e:
 
 import re
 from collections.abc import Mapping
-from typing import Literal
+from typing import get_args, Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ from .._stack import StackedRNN
 
 Cell = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
 
-_CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
+_CELLS = get_args(Cell)
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 _FROM_MODE: dict[str, Cell] = {
     "RNN_TANH": "rnn_tanh",
