@@ -317,3 +317,99 @@ def test_all_layers_equal_shallower_stacks(cfg, direction, seed):
     if cfg.num_layers > 1:
         trained, _ = stack(xs, key=kd, all_layers=True)
         assert tree_allclose(trained[0], outputs[0], **TOL)
+
+
+def _from_torch(ref, stack):
+    """`stack` with the parameters of the PyTorch module `ref` copied in unchanged:
+    `weight_ih_l1_reverse` is `backward_cells[1].weight_ih`."""
+    for name, value in ref.state_dict().items():
+        role, layer = name.split("_l")
+        layer, _, reverse = layer.partition("_")
+
+        def where(s, role=role, layer=int(layer), reverse=bool(reverse)):
+            return getattr((s.backward_cells if reverse else s.cells)[layer], role)
+
+        assert where(stack).shape == tuple(value.shape), name
+        stack = eqx.tree_at(where, stack, jnp.asarray(value.detach().numpy()))
+    return stack
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_bidirectional_lengths_match_pytorch_packed_sequences(kind, getkey):
+    """PyTorch's bidirectional stack over packed sequences of different lengths (the
+    way to get its backward direction to start at each sequence's end): outputs,
+    zero padding and final states in its order, layer * 2 + direction."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    make = {"gru": (torch.nn.GRU, stackrnn.GRU), "lstm": (torch.nn.LSTM, stackrnn.LSTM)}
+    torch_cls, ours = make[kind]
+    ref = torch_cls(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    stack = _from_torch(ref, ours(3, 4, num_layers=2, bidirectional=True, key=getkey()))
+    lengths = [5, 2, 7, 1]
+    xs = np.random.default_rng(0).standard_normal((4, 7, 3)).astype(np.float32)
+    with torch.no_grad():
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            torch.from_numpy(xs), torch.tensor(lengths), True, enforce_sorted=False
+        )
+        out, final = ref(packed)
+        want, _ = torch.nn.utils.rnn.pad_packed_sequence(out, True, total_length=7)
+    ys, state = jax.vmap(lambda x, n: stack(x, length=n))(xs, jnp.array(lengths))
+    np.testing.assert_allclose(ys, want.numpy(), rtol=1e-5, atol=1e-6)
+    # PyTorch's states are (layers * 2, batch, hidden); ours are vmapped per example.
+    want_state = jax.tree.map(lambda s: np.swapaxes(s.numpy(), 0, 1), final)
+    if kind == "lstm":
+        want_state = tuple(want_state)
+    assert tree_allclose(state, want_state, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_sequence_options(getkey):
+    stack = stackrnn.GRU(3, 4, num_layers=2, key=getkey())
+    xs = jnp.ones((5, 3))
+    for n in (0, -1, 6):
+        with pytest.raises(ValueError, match=rf"`length` must be in \[1, 5\].*got {n}"):
+            stack(xs, length=n)
+    with pytest.raises(ValueError, match="`length` must be a scalar integer.*float32"):
+        stack(xs, length=jnp.float32(3))
+    with pytest.raises(ValueError, match=r"`length`.*under `jax.vmap`.*shape \(2,\)"):
+        stack(xs, length=jnp.array([2, 3]))
+    with pytest.raises(ValueError, match=r"`resets` must be a boolean array of shape"):
+        stack(xs, resets=jnp.zeros((5,), jnp.int32))
+    with pytest.raises(ValueError, match=r"`resets`.*shape \(5,\).*got shape \(4,\)"):
+        stack(xs, resets=jnp.zeros((4,), bool))
+
+    bidi = stackrnn.GRU(3, 4, num_layers=2, bidirectional=True, key=getkey())
+    with pytest.raises(ValueError, match="`step` needs a unidirectional stack"):
+        bidi.step(xs[0], bidi.init_state())
+    with pytest.raises(ValueError, match="`reverse=True` applies to unidirectional"):
+        stackrnn.StackedRNN(
+            bidi.cells, backward_cells=bidi.backward_cells, reverse=True
+        )
+    with pytest.raises(ValueError, match=r"one cell per layer \(=2\), got 1"):
+        stackrnn.StackedRNN(bidi.cells, backward_cells=bidi.backward_cells[:1])
+    wrong = stackrnn.GRUCell(5, 4, key=getkey())
+    with pytest.raises(ValueError, match=r"`backward_cells\[0\].input_size` \(=5\)"):
+        stackrnn.StackedRNN(bidi.cells, backward_cells=[wrong, bidi.backward_cells[1]])
+    with pytest.raises(
+        ValueError,
+        match=r"`cells\[1\].input_size` \(=4\) must equal `cells\[0\].output_size` "
+        r"\+ `backward_cells\[0\].output_size` \(=8\)",
+    ):
+        cells = stackrnn.GRU(3, 4, num_layers=2, key=getkey()).cells
+        stackrnn.StackedRNN(cells, backward_cells=cells)
+    with pytest.raises(TypeError, match="`bidirectional` must be a bool"):
+        stackrnn.LSTM(3, 4, bidirectional=1, key=getkey())
+
+
+def test_bidirectional_state_layout(getkey):
+    lstm = stackrnn.LSTM(
+        3, 6, num_layers=3, proj_size=2, bidirectional=True, key=getkey()
+    )
+    ys, (h, c) = lstm(jr.normal(getkey(), (7, 3)))
+    assert ys.shape == (7, 4) and h.shape == (6, 2) and c.shape == (6, 6)
+    assert lstm.cells[1].input_size == 4 and lstm.output_size == 4
+    outputs, _ = lstm(jr.normal(getkey(), (7, 3)), all_layers=True)
+    assert [o.shape for o in outputs] == [(7, 4)] * 3
+    ragged = stackrnn.RNN(3, [6, 4], num_layers=2, bidirectional=True, key=getkey())
+    ys, state = ragged(jr.normal(getkey(), (7, 3)))
+    assert ys.shape == (7, 8)
+    assert [s.shape for s in state] == [(6,), (6,), (4,), (4,)]
