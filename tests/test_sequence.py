@@ -413,3 +413,29 @@ def test_bidirectional_state_layout(getkey):
     ys, state = ragged(jr.normal(getkey(), (7, 3)))
     assert ys.shape == (7, 8)
     assert [s.shape for s in state] == [(6,), (6,), (4,), (4,)]
+
+
+@fewer
+@given(
+    cfg=configs(max_layers=2, max_time=6),
+    direction=directions,
+    unroll=st.integers(2, 7),
+    length=st.integers(1, 6),
+    flags=st.lists(st.booleans(), min_size=6, max_size=6),
+    seed=seeds,
+)
+def test_unroll_reaches_every_scan_and_keeps_results(
+    cfg, direction, unroll, length, flags, seed
+):
+    kc, kx = jr.split(jr.key(seed))
+    stack = _stack(cfg, kc, direction)
+    unrolled = _stack(cfg, kc, direction, unroll=unroll)
+    xs = inputs(cfg, kx)
+    options = dict(length=min(length, cfg.time), resets=jnp.array(flags[: cfg.time]))
+    jaxpr = jax.make_jaxpr(lambda x: unrolled(x, **options))(xs)
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scans) == len(stack._all_cells())
+    assert all(e.params["unroll"] == unroll for e in scans)
+    run = jax.jit(lambda x: (stack(x, **options), unrolled(x, **options)))
+    want, got = run(xs)
+    assert tree_allclose(got, want, **TOL)
