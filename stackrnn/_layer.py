@@ -46,7 +46,11 @@ def scan_reference(
     `(ys, final_state)`: the outputs `cell.output(state_t)` of shape
     `(time, output_size)` and the state after the last step read.
     """
-    valid = None if length is None else jnp.arange(xs.shape[0]) < length
+    valid = None
+    if length is not None:
+        steps = jnp.arange(xs.shape[0])
+        # Any integer dtype of `length` (int16, uint8, ...) compares as the steps'.
+        valid = steps < jnp.asarray(length).astype(steps.dtype)
     if resets is not None:
         if valid is not None:
             resets = resets & valid

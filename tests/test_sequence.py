@@ -155,8 +155,10 @@ def test_traced_lengths_outside_the_range(getkey):
         assert tree_equal(ys, jnp.zeros_like(ys)) and tree_equal(final, state)
     everything = stack(xs, state)
     assert tree_allclose(run(9), everything, **TOL)
-    # Concrete, the full length is accepted and the same as no length.
-    assert tree_allclose(stack(xs, state, length=5), everything, **TOL)
+    # Concrete, the full length is accepted and the same as no length, in any
+    # integer dtype.
+    for n in (5, np.int64(5), jnp.uint8(5), jnp.int16(5)):
+        assert tree_allclose(stack(xs, state, length=n), everything, **TOL)
 
 
 def test_padding_gets_no_gradient(getkey):
