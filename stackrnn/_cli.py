@@ -249,12 +249,12 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `stackrnn` console script and of `python -m stackrnn`."""
     parser = _parser()
     args = parser.parse_args(argv)
+    options = vars(args)
+    command = options.pop("command")
     try:
-        if args.command == "train":
-            options = vars(args)
-            del options["command"]
+        if command == "train":
             _train(options)
         else:
             _generate(args)
     except (ValueError, OSError) as e:
-        parser.exit(2, f"stackrnn {args.command}: error: {e}\n")
+        parser.exit(2, f"stackrnn {command}: error: {e}\n")

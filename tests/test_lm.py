@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import stackrnn
 
@@ -19,6 +19,7 @@ def make_lm(cell, vocab_size, hidden, layers, key, *, embedding=0):
     return stackrnn.RNNLM(rnn, vocab_size, embedding=embedding > 0, key=k2)
 
 
+@settings(max_examples=6)
 @given(
     cell=st.sampled_from(sorted(CONSTRUCTORS)),
     vocab_size=st.integers(2, 6),
