@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add = train.add_argument
     add("--data", metavar="FILE", help="a UTF-8 text file (default: The Time Machine)")
-    add("--out", metavar="DIR", default="stackrnn-run", help="checkpoint directory")
+    add("--out", metavar="DIR", default="stackrnn-run", help="output (stackrnn-run)")
     add("--resume", action="store_true", default=False, help="continue --out's run")
     add("--cell", choices=("rnn", "gru", "lstm"), help="recurrent cell (gru)")
     add("--layers", type=_count(1), help="number of stacked layers (2)")
@@ -143,6 +143,12 @@ def _build_model(hp: dict, vocab_size: int, key) -> RNNLM:
 def _new_state(hp: dict, vocab_size: int, key):
     """A freshly initialised `(model, optimizer, opt_state)` for hyper-parameters
     `hp`; also the skeleton a checkpoint is loaded into."""
+    missing = sorted(DEFAULTS.keys() - hp.keys())
+    if missing:
+        raise ValueError(
+            f"the checkpoint's hyper-parameters lack {missing}: it was not written by "
+            "`stackrnn train`"
+        )
     model = _build_model(hp, vocab_size, key)
     optimizer = default_optimizer(hp["lr"], hp["clip"])
     return model, optimizer, optimizer.init(eqx.filter(model, eqx.is_inexact_array))

@@ -176,7 +176,8 @@ def fit(
         optimizer = default_optimizer()
     if opt_state is None:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    history = History() if history is None else history
+    # A copy: the caller's history stays as it was.
+    history = History() if history is None else History(*dataclasses.astuple(history))
     arrays = tuple(
         jnp.asarray(a) for a in (data.train_x, data.train_y, data.val_x, data.val_y)
     )

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+import stackrnn
 from stackrnn._cli import main
 
 from .test_data import TIME_MACHINE
@@ -122,3 +123,13 @@ def test_time_machine_from_the_command_line(tmp_path):
     assert "epoch 1: train ppl" in result.stdout
     meta = json.loads((out / "checkpoint.json").read_text())
     assert len(meta["vocab"]) == 28
+
+
+def test_generate_needs_a_train_checkpoint(tmp_path, capsys):
+    vocab = stackrnn.Vocab.from_tokens("ab")
+    history = stackrnn.History()
+    stackrnn.Checkpoint.save(
+        tmp_path, {}, hyperparameters={"note": 1}, vocab=vocab, history=history
+    )
+    assert run("generate", "--checkpoint", tmp_path) == 2
+    assert "it was not written by `stackrnn train`" in capsys.readouterr().err
