@@ -70,7 +70,17 @@ class Vocab:
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """Reads a UTF-8 text file, rejecting empty and binary files with a clear error."""
+    """Reads a UTF-8 text file.
+
+    **Arguments:**
+
+    - `path`: the file.
+
+    **Returns:**
+
+    Its text. An empty (or all-whitespace) file, or one that is not UTF-8 text (a
+    binary file), raises a `ValueError` that says so.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
@@ -108,6 +118,7 @@ def _locate(path) -> pathlib.Path:
         return pathlib.Path(path)
     if os.environ.get("STACKRNN_DATA"):
         return pathlib.Path(os.environ["STACKRNN_DATA"])
+    # Imported here: pooch and requests load only when the cache may be needed.
     import pooch
 
     cache = pooch.os_cache("stackrnn")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+from tqdm.auto import tqdm
 
 from ._checks import check_size
 from ._data import CharData
@@ -182,9 +183,6 @@ def fit(
         jnp.asarray(a) for a in (data.train_x, data.train_y, data.val_x, data.val_y)
     )
     train_tokens = data.train_x.size
-
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=epochs, initial=len(history), unit="epoch", disable=not progress)
     with bar:
         for epoch in range(len(history), epochs):
