@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import stackrnn
-from stackrnn._train import _batch_loss, _batches
+from stackrnn._train import _batch_loss, _batches, _epoch
 
-from .helpers import tree_equal
+from .helpers import tree_allclose, tree_equal
 
 
 TEXT = "the time traveller for so it will be convenient to speak of him " * 4
@@ -57,6 +57,48 @@ def test_padded_batch_is_the_mean_over_real_windows(data, getkey):
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+
+
+@settings(max_examples=2)
+@given(batch_size=st.integers(20, 160), seed=st.integers(0, 100))
+def test_compiled_epoch_equals_a_python_loop_over_batches(data, batch_size, seed):
+    # The reference: d2l's loop, one step per batch of the shuffled windows, the last
+    # batch short; then the mean loss over all validation windows.
+    model = tiny_model(data, jax.random.key(seed))
+    optimizer = stackrnn.default_optimizer(1.0, 1.0)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    key = jax.random.key(seed + 1)
+    arrays = tuple(
+        jnp.asarray(a) for a in (data.train_x, data.train_y, data.val_x, data.val_y)
+    )
+    fast = _epoch(model, opt_state, arrays, key, optimizer, batch_size)
+
+    def mean_loss(model, x, y):
+        return jnp.mean(
+            jax.vmap(lambda a, b: stackrnn.sequence_loss(model, a, b))(x, y)
+        )
+
+    @eqx.filter_jit
+    def step(model, opt_state, x, y):
+        loss, grads = eqx.filter_value_and_grad(mean_loss)(model, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, model)
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    perm_key, _ = jax.random.split(key)
+    order = np.asarray(jax.random.permutation(perm_key, len(data.train_x)))
+    total = 0.0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        model, opt_state, loss = step(
+            model, opt_state, data.train_x[idx], data.train_y[idx]
+        )
+        total += float(loss) * len(idx)
+    val_loss = mean_loss(model, data.val_x, data.val_y)
+
+    params = eqx.filter(model, eqx.is_inexact_array)
+    assert tree_allclose(eqx.filter(fast[0], eqx.is_inexact_array), params, rtol=1e-4)
+    np.testing.assert_allclose(fast[2], total / len(order), rtol=1e-5)
+    np.testing.assert_allclose(fast[3], val_loss, rtol=1e-5)
 
 
 def test_loss_decreases(data, getkey):
