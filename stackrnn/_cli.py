@@ -159,10 +159,11 @@ def _train(args: dict) -> None:
     if resume:
         saved = Checkpoint.read(out)
         for name, value in args.items():
-            if name not in _RESUMABLE and saved.hyperparameters[name] != value:
+            before = saved.hyperparameters.get(name)
+            if name not in _RESUMABLE and before != value:
                 raise ValueError(
                     f"`--{name.replace('_', '-')}` (={value}) differs from the "
-                    f"checkpoint's (={saved.hyperparameters[name]}); drop it to resume"
+                    f"checkpoint's (={before}); drop it to resume"
                 )
         hp = {**saved.hyperparameters, **args}
         vocab, history = saved.vocab, saved.history
