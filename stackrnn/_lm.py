@@ -60,6 +60,13 @@ class RNNLM(eqx.Module):
     ):
         if not isinstance(rnn, StackedRNN):
             raise TypeError(f"`rnn` must be a StackedRNN, got {type(rnn).__name__}")
+        if rnn.bidirectional or rnn.reverse:
+            kind = "bidirectional" if rnn.bidirectional else "reverse"
+            raise ValueError(
+                f"`rnn` must read time forwards, got a {kind} stack: a language "
+                "model predicts each token from the ones before it, and a stack that "
+                "reads backwards would see the tokens it has to predict"
+            )
         check_size("vocab_size", vocab_size, minimum=2)
         if not embedding and rnn.input_size != vocab_size:
             raise ValueError(

@@ -441,3 +441,14 @@ def test_unroll_reaches_every_scan_and_keeps_results(
     run = jax.jit(lambda x: (stack(x, **options), unrolled(x, **options)))
     want, got = run(xs)
     assert tree_allclose(got, want, **TOL)
+
+
+def test_language_model_refuses_stacks_that_read_the_future(getkey):
+    bidi = stackrnn.GRU(5, 4, num_layers=2, bidirectional=True, key=getkey())
+    with pytest.raises(ValueError, match="`rnn` must read time forwards.*bidirect"):
+        stackrnn.RNNLM(bidi, 5, key=getkey())
+    backwards = stackrnn.StackedRNN(
+        stackrnn.GRU(5, 4, key=getkey()).cells, reverse=True
+    )
+    with pytest.raises(ValueError, match="`rnn` must read time forwards.*reverse"):
+        stackrnn.RNNLM(backwards, 5, key=getkey())
