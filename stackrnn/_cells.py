@@ -27,7 +27,7 @@ State = (
 
 def _default_float():
     # float64 when the user enabled x64, else float32 (as Equinox's layers do).
-    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
 class AbstractCell(eqx.Module):

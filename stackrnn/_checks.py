@@ -93,3 +93,31 @@ def _describe(tree) -> str:
     if hasattr(tree, "shape"):
         return f"an array of shape {tuple(tree.shape)}"
     return repr(tree)
+
+
+def check_length(name: str, length, time: int) -> None:
+    """`length` must be a scalar integer; when it is concrete (not traced), also
+    1 <= length <= time. A traced value cannot be checked: the layer then reads the
+    steps `t < length`, so values <= 0 read none and values > time read all."""
+    dtype = jnp.result_type(length)
+    if jnp.ndim(length) != 0 or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"`{name}` must be a scalar integer (one sequence's length; under "
+            f"`jax.vmap`, one per example), got shape {jnp.shape(length)} and "
+            f"dtype {dtype}"
+        )
+    if not isinstance(length, jax.core.Tracer) and not 1 <= int(length) <= time:
+        raise ValueError(
+            f"`{name}` must be in [1, {time}] (the number of time steps of `xs`), "
+            f"got {int(length)}"
+        )
+
+
+def check_resets(name: str, resets, time: int) -> None:
+    """`resets` must be a boolean array of shape `(time,)`."""
+    dtype = jnp.result_type(resets)
+    if jnp.shape(resets) != (time,) or dtype != jnp.bool_:
+        raise ValueError(
+            f"`{name}` must be a boolean array of shape ({time},) (one flag per time "
+            f"step of `xs`), got shape {jnp.shape(resets)} and dtype {dtype}"
+        )

@@ -34,16 +34,27 @@ def _build(
     num_layers,
     dropout,
     unroll,
+    bidirectional,
     key,
 ) -> StackedRNN:
     check_size("input_size", input_size)
     widths = _widths(hidden_size, num_layers)
-    cells = []
+    if not isinstance(bidirectional, bool):
+        raise TypeError(f"`bidirectional` must be a bool, got {bidirectional!r}")
+    cells, backward_cells = [], []
     for width, k in zip(widths, jax.random.split(key, num_layers)):
+        if bidirectional:
+            k, k_backward = jax.random.split(k)
+            backward_cells.append(make(input_size, width, key=k_backward))
         cell = make(input_size, width, key=k)
         cells.append(cell)
-        input_size = cell.output_size
-    return StackedRNN(cells, dropout=dropout, unroll=unroll)
+        input_size = cell.output_size * (2 if bidirectional else 1)
+    return StackedRNN(
+        cells,
+        backward_cells=backward_cells if bidirectional else None,
+        dropout=dropout,
+        unroll=unroll,
+    )
 
 
 def RNN(
@@ -56,6 +67,7 @@ def RNN(
     bias: bool = True,
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
+    bidirectional: bool = False,
     dtype=None,
     key: PRNGKeyArray,
 ) -> StackedRNN:
@@ -72,6 +84,10 @@ def RNN(
     - `init`: the parameter initialiser: [`stackrnn.PyTorchInit`][] (default) or
       [`stackrnn.NormalInit`][] (d2l's `StackedRNNScratch`). (Keyword only argument.)
     - `unroll`: passed to `jax.lax.scan` over time. (Keyword only argument.)
+    - `bidirectional`: if `True`, every layer also reads time backwards with its own
+      cells, and the next layer reads both directions concatenated, forward first;
+      the state then holds `2 * num_layers` entries, in PyTorch's order
+      `layer * 2 + direction`. (Keyword only argument.)
     - `dtype`: parameter dtype. (Keyword only argument.)
     - `key`: a `jax.random.PRNGKey`. (Keyword only argument.)
 
@@ -85,7 +101,9 @@ def RNN(
             i, h, nonlinearity=nonlinearity, bias=bias, init=init, dtype=dtype, key=key
         )
 
-    return _build(make, input_size, hidden_size, num_layers, dropout, unroll, key)
+    return _build(
+        make, input_size, hidden_size, num_layers, dropout, unroll, bidirectional, key
+    )
 
 
 def GRU(
@@ -97,6 +115,7 @@ def GRU(
     bias: bool = True,
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
+    bidirectional: bool = False,
     dtype=None,
     key: PRNGKeyArray,
 ) -> StackedRNN:
@@ -106,7 +125,9 @@ def GRU(
     def make(i, h, *, key):
         return GRUCell(i, h, bias=bias, init=init, dtype=dtype, key=key)
 
-    return _build(make, input_size, hidden_size, num_layers, dropout, unroll, key)
+    return _build(
+        make, input_size, hidden_size, num_layers, dropout, unroll, bidirectional, key
+    )
 
 
 def LSTM(
@@ -119,6 +140,7 @@ def LSTM(
     bias: bool = True,
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
+    bidirectional: bool = False,
     dtype=None,
     key: PRNGKeyArray,
 ) -> StackedRNN:
@@ -131,4 +153,6 @@ def LSTM(
             i, h, proj_size=proj_size, bias=bias, init=init, dtype=dtype, key=key
         )
 
-    return _build(make, input_size, hidden_size, num_layers, dropout, unroll, key)
+    return _build(
+        make, input_size, hidden_size, num_layers, dropout, unroll, bidirectional, key
+    )

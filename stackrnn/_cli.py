@@ -1,0 +1,267 @@
+"""The `stackrnn` command: `stackrnn train` and `stackrnn generate`."""
+
+import argparse
+import hashlib
+import statistics
+
+import equinox as eqx
+import jax
+
+from ._checkpoint import Checkpoint
+from ._constructors import GRU, LSTM, RNN
+from ._data import CharData, load_text
+from ._generate import generate
+from ._init import NormalInit, PyTorchInit
+from ._lm import RNNLM
+from ._train import default_optimizer, fit, plot_history
+
+
+# The seed's run (d2l, chapter "Deep Recurrent Neural Networks"). `init` is None:
+# d2l's normal(0.01) for `--cell rnn` (StackedRNNScratch), PyTorch's otherwise.
+DEFAULTS = dict(
+    cell="gru",
+    layers=2,
+    hidden=32,
+    init=None,
+    embedding=0,
+    dropout=0.0,
+    lr=2.0,
+    clip=1.0,
+    epochs=100,
+    batch_size=1024,
+    num_steps=32,
+    num_train=10000,
+    num_val=5000,
+    seed=0,
+)
+# May change when a run is resumed; everything else must match the checkpoint.
+_RESUMABLE = {"epochs", "data"}
+_CURVES = "curves.png"
+
+
+def _count(minimum):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {minimum}, got {value}"
+            )
+        return value
+
+    return parse
+
+
+def _number(minimum, *, inclusive=True, below=None):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        low = value >= minimum if inclusive else value > minimum
+        if not low or (below is not None and value >= below) or value != value:
+            bound = f"{'>=' if inclusive else '>'} {minimum}"
+            if below is not None:
+                bound += f" and < {below}"
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stackrnn",
+        description="Train deep recurrent character language models and sample them.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    # Flags not given stay absent (SUPPRESS), so a resumed run can tell them apart
+    # from defaults.
+    train = commands.add_parser(
+        "train",
+        help="train a language model (default: d2l's 2-layer GRU on The Time Machine)",
+        argument_default=argparse.SUPPRESS,
+    )
+    add = train.add_argument
+    add("--data", metavar="FILE", help="a UTF-8 text file (default: The Time Machine)")
+    add("--out", metavar="DIR", default="stackrnn-run", help="output (stackrnn-run)")
+    add("--resume", action="store_true", default=False, help="continue --out's run")
+    add("--cell", choices=("rnn", "gru", "lstm"), help="recurrent cell (gru)")
+    add("--layers", type=_count(1), help="number of stacked layers (2)")
+    add("--hidden", type=_count(1), help="hidden units per layer (32)")
+    add(
+        "--init",
+        choices=("pytorch", "normal"),
+        help="parameter init: PyTorch's uniform, or d2l's normal(0.01) "
+        "(default: normal for rnn, pytorch otherwise)",
+    )
+    add("--embedding", type=_count(0), help="embedding size; 0 for one-hot (0)")
+    add("--dropout", type=_number(0, below=1), help="dropout between layers (0)")
+    add("--lr", type=_number(0, inclusive=False), help="SGD learning rate (2)")
+    add("--clip", type=_number(0, inclusive=False), help="gradient norm clip (1)")
+    add("--epochs", type=_count(1), help="total epochs of the run (100)")
+    add("--batch-size", type=_count(1), help="windows per step (1024)")
+    add("--num-steps", type=_count(1), help="characters per window (32)")
+    add("--num-train", type=_count(1), help="training windows (10000)")
+    add("--num-val", type=_count(1), help="validation windows (5000)")
+    add("--seed", type=_count(0), help="random seed (0)")
+    add("--quiet", action="store_true", default=False, help="no progress bar")
+
+    gen = commands.add_parser("generate", help="generate text from a trained model")
+    add = gen.add_argument
+    add("--checkpoint", metavar="DIR", required=True, help="a `train --out` directory")
+    add("--prefix", default="time traveller", help="text to continue")
+    add("--num-chars", type=_count(0), default=200, help="characters to generate")
+    add(
+        "--temperature",
+        type=_number(0),
+        default=0.0,
+        help="0 for greedy (d2l's predict), else sample from softmax(logits / T)",
+    )
+    add("--seed", type=_count(0), default=0, help="random seed for sampling")
+    return parser
+
+
+def _build_model(hp: dict, vocab_size: int, key) -> RNNLM:
+    init = PyTorchInit() if hp["init"] == "pytorch" else NormalInit(0.01)
+    make = {"rnn": RNN, "gru": GRU, "lstm": LSTM}[hp["cell"]]
+    rnn_key, lm_key = jax.random.split(key)
+    rnn = make(
+        hp["embedding"] or vocab_size,
+        hp["hidden"],
+        hp["layers"],
+        dropout=hp["dropout"],
+        init=init,
+        key=rnn_key,
+    )
+    return RNNLM(rnn, vocab_size, embedding=hp["embedding"] > 0, init=init, key=lm_key)
+
+
+def _new_state(hp: dict, vocab_size: int, key):
+    """A freshly initialised `(model, optimizer, opt_state)` for hyper-parameters
+    `hp`; also the skeleton a checkpoint is loaded into."""
+    missing = sorted(DEFAULTS.keys() - hp.keys())
+    if missing:
+        raise ValueError(
+            f"the checkpoint's hyper-parameters lack {missing}: it was not written by "
+            "`stackrnn train`"
+        )
+    model = _build_model(hp, vocab_size, key)
+    optimizer = default_optimizer(hp["lr"], hp["clip"])
+    return model, optimizer, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+
+def _train(args: dict) -> None:
+    out, resume, quiet = args.pop("out"), args.pop("resume"), args.pop("quiet")
+    if resume:
+        saved = Checkpoint.read(out)
+        for name, value in args.items():
+            before = saved.hyperparameters.get(name)
+            if name not in _RESUMABLE and before != value:
+                raise ValueError(
+                    f"`--{name.replace('_', '-')}` (={value}) differs from the "
+                    f"checkpoint's (={before}); drop it to resume"
+                )
+        hp = {**saved.hyperparameters, **args}
+        vocab, history = saved.vocab, saved.history
+    else:
+        if Checkpoint.exists(out):
+            raise ValueError(
+                f"`--out` {out!r} already holds a run; pass --resume to continue it "
+                "or choose another directory"
+            )
+        hp = {**DEFAULTS, "data": None, **args}
+        if hp["init"] is None:
+            hp["init"] = "normal" if hp["cell"] == "rnn" else "pytorch"
+        vocab, history = None, None
+    text = load_text(hp["data"])
+    sha1 = hashlib.sha1(text.encode()).hexdigest()
+    if resume and sha1 != hp["sha1"]:
+        raise ValueError(
+            f"the data (SHA-1 {sha1}) is not the text the checkpoint was trained on "
+            f"(SHA-1 {hp['sha1']})"
+        )
+    hp["sha1"] = sha1
+    data = CharData.from_text(
+        text,
+        num_steps=hp["num_steps"],
+        num_train=hp["num_train"],
+        num_val=hp["num_val"],
+        vocab=vocab,
+    )
+    model_key, train_key = jax.random.split(jax.random.key(hp["seed"]))
+    model, optimizer, opt_state = _new_state(hp, len(data.vocab), model_key)
+    if resume:
+        model, opt_state = saved.load((model, opt_state))
+
+    def save(model, opt_state, history):
+        Checkpoint.save(
+            out,
+            (model, opt_state),
+            hyperparameters=hp,
+            vocab=data.vocab,
+            history=history,
+        )
+
+    start = 0 if history is None else len(history)
+    model, opt_state, history = fit(
+        model,
+        data,
+        epochs=hp["epochs"],
+        key=train_key,
+        optimizer=optimizer,
+        batch_size=hp["batch_size"],
+        opt_state=opt_state,
+        history=history,
+        on_epoch=save,
+        progress=not quiet,
+    )
+    if len(history) == start:
+        print(f"the run in {out!r} already has {start} epochs; raise --epochs")
+        return
+    plot_history(history, f"{out}/{_CURVES}")
+    # The first epoch of this process includes compilation.
+    timed = history.seconds[start + 1 :] or history.seconds[start:]
+    print(
+        f"epoch {len(history)}: train ppl {history.train_ppl[-1]:.2f}, "
+        f"val ppl {history.val_ppl[-1]:.2f}; "
+        f"{statistics.median(timed):.3f} s/epoch (median of epochs "
+        f"{len(history) - len(timed) + 1}-{len(history)}); saved in {out}"
+    )
+
+
+def _generate(args: argparse.Namespace) -> None:
+    saved = Checkpoint.read(args.checkpoint)
+    model, _, opt_state = _new_state(
+        saved.hyperparameters, len(saved.vocab), jax.random.key(0)
+    )
+    model, _ = saved.load((model, opt_state))
+    chars = generate(
+        model,
+        saved.vocab,
+        args.prefix,
+        temperature=args.temperature,
+        key=jax.random.key(args.seed),
+    )
+    print(args.prefix, end="", flush=True)
+    for _, char in zip(range(args.num_chars), chars):
+        print(char, end="", flush=True)
+    print()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `stackrnn` console script and of `python -m stackrnn`."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    options = vars(args)
+    command = options.pop("command")
+    try:
+        if command == "train":
+            _train(options)
+        else:
+            _generate(args)
+    except (ValueError, OSError) as e:
+        parser.exit(2, f"stackrnn {command}: error: {e}\n")

@@ -1,0 +1,216 @@
+"""Character data for language models, built exactly as d2l's `TimeMachine` does.
+
+d2l (`d2l.TimeMachine`, `d2l.Vocab`): the text is reduced to lower-case letters and
+single spaces, every character is a token, the vocabulary is the sorted set of the
+tokens plus `<unk>`, and the examples are the overlapping windows of `num_steps + 1`
+tokens starting at every position: inputs `window[:-1]`, targets `window[1:]`. The
+first `num_train` windows train, the next `num_val` validate.
+"""
+
+import dataclasses
+import os
+import pathlib
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._checks import check_size
+
+
+TIME_MACHINE_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
+TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
+UNK = "<unk>"
+
+
+def preprocess(text: str) -> str:
+    """d2l's `TimeMachine._preprocess`: every run of non-letters becomes one space,
+    then everything is lower case."""
+    return re.sub("[^A-Za-z]+", " ", text).lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+    """A character vocabulary, ordered as d2l's `Vocab`: the sorted set of the tokens
+    and `<unk>`. (On preprocessed text that puts `" "` first and `<unk>` second, since
+    `" " < "<" < "a"`.) Characters outside the vocabulary map to `<unk>`.
+
+    **Arguments:**
+
+    - `tokens`: the tokens in index order.
+    """
+
+    tokens: tuple[str, ...]
+
+    def __post_init__(self):
+        if UNK not in self.tokens:
+            raise ValueError(f"`tokens` must contain {UNK!r}, got {self.tokens!r}")
+        if len(set(self.tokens)) != len(self.tokens):
+            raise ValueError(f"`tokens` must be distinct, got {self.tokens!r}")
+
+    @classmethod
+    def from_tokens(cls, tokens: Sequence[str]) -> "Vocab":
+        """The vocabulary of a token sequence, as `d2l.Vocab(tokens)` builds it."""
+        return cls(tuple(sorted(set(tokens) | {UNK})))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def unk(self) -> int:
+        return self.tokens.index(UNK)
+
+    def encode(self, tokens: Sequence[str]) -> np.ndarray:
+        """Token indices, an int32 NumPy array; unknown tokens give `unk`."""
+        index = {t: i for i, t in enumerate(self.tokens)}
+        return np.array([index.get(t, self.unk) for t in tokens], np.int32)
+
+    def decode(self, indices) -> str:
+        return "".join(self.tokens[int(i)] for i in np.asarray(indices).ravel())
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """Reads a UTF-8 text file.
+
+    **Arguments:**
+
+    - `path`: the file.
+
+    **Returns:**
+
+    Its text. An empty (or all-whitespace) file, or one that is not UTF-8 text (a
+    binary file), raises a `ValueError` that says so.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise ValueError(f"data file {str(path)!r} is empty; give a UTF-8 text file")
+    try:
+        if b"\0" in raw:
+            raise UnicodeError("contains NUL bytes")
+        return raw.decode("utf-8")
+    except UnicodeError as e:
+        raise ValueError(
+            f"data file {str(path)!r} is not UTF-8 text ({e}); give a text file"
+        ) from None
+
+
+def load_text(path: str | os.PathLike | None = None) -> str:
+    """The training text. Where it comes from, in order: `path`, the environment
+    variable `STACKRNN_DATA`, a copy in the user cache, else a download of d2l's
+    `timemachine.txt` (The Time Machine) into that cache, checked by its SHA-1.
+
+    **Arguments:**
+
+    - `path`: a UTF-8 text file, or `None` for The Time Machine.
+
+    **Returns:**
+
+    The file's text, unprocessed.
+    """
+    return read_text(_locate(path))
+
+
+def _locate(path) -> pathlib.Path:
+    if path is not None:
+        return pathlib.Path(path)
+    if os.environ.get("STACKRNN_DATA"):
+        return pathlib.Path(os.environ["STACKRNN_DATA"])
+    # Imported here: pooch and requests load only when the cache may be needed.
+    import pooch
+
+    cache = pooch.os_cache("stackrnn")
+    try:
+        # pooch uses the cached copy when its hash matches, else downloads it.
+        return pathlib.Path(
+            pooch.retrieve(
+                TIME_MACHINE_URL,
+                known_hash=f"sha1:{TIME_MACHINE_SHA1}",
+                fname="timemachine.txt",
+                path=cache,
+                progressbar=False,
+            )
+        )
+    except OSError as e:  # requests' errors are OSErrors
+        raise FileNotFoundError(
+            "could not download The Time Machine "
+            f"({type(e).__name__}: {e}). Supply the text in one of three ways: "
+            "pass a file (`--data FILE` or `path=`), set the environment variable "
+            f"STACKRNN_DATA=FILE, or put d2l's timemachine.txt (SHA-1 "
+            f"{TIME_MACHINE_SHA1}) at {str(pathlib.Path(cache) / 'timemachine.txt')!r}"
+        ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CharData:
+    """Windows of a character corpus for language modelling, as d2l's `TimeMachine`.
+
+    `train_x[i]` is the window of `num_steps` tokens starting at corpus position `i`
+    and `train_y[i]` the same window shifted by one; the validation windows start at
+    positions `num_train, ..., num_train + num_val - 1`.
+
+    **Fields:** `vocab` (a [`stackrnn.Vocab`][]), `train_x`, `train_y`, `val_x`,
+    `val_y` (int32 NumPy arrays of shape `(windows, num_steps)`).
+    """
+
+    vocab: Vocab
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        return self.train_x.shape[1]
+
+    @classmethod
+    def from_text(
+        cls,
+        text: str,
+        *,
+        num_steps: int = 32,
+        num_train: int = 10000,
+        num_val: int = 5000,
+        vocab: Vocab | None = None,
+    ) -> "CharData":
+        """Builds the windows of `text` as d2l's `TimeMachine(batch_size, num_steps,
+        num_train, num_val)`.
+
+        **Arguments:**
+
+        - `text`: the raw text; it is preprocessed with [`stackrnn.preprocess`][].
+        - `num_steps`: tokens per window. (Keyword only argument.)
+        - `num_train`: number of training windows. (Keyword only argument.)
+        - `num_val`: at most this many validation windows follow the training ones;
+          fewer when the text ends first, as in d2l. (Keyword only argument.)
+        - `vocab`: the vocabulary to encode with; by default the text's own.
+          (Keyword only argument.)
+
+        **Returns:**
+
+        A `CharData`.
+        """
+        check_size("num_steps", num_steps)
+        check_size("num_train", num_train)
+        check_size("num_val", num_val)
+        tokens = list(preprocess(text))
+        if vocab is None:
+            vocab = Vocab.from_tokens(tokens)
+        corpus = vocab.encode(tokens)
+        num_windows = len(corpus) - num_steps
+        if num_windows < num_train + 1:
+            raise ValueError(
+                f"the text has {len(corpus)} characters after preprocessing, which "
+                f"give {max(num_windows, 0)} windows of `num_steps + 1` "
+                f"(={num_steps + 1}) tokens; `num_train` (={num_train}) windows "
+                "and at least one validation window need "
+                f"{num_train + num_steps + 1} characters. Use a longer text or lower "
+                "`num_train`/`num_steps`"
+            )
+        num_val = min(num_val, num_windows - num_train)
+        starts = np.arange(num_train + num_val)
+        windows = corpus[starts[:, None] + np.arange(num_steps + 1)]
+        x, y = windows[:, :-1], windows[:, 1:]
+        return cls(vocab, x[:num_train], y[:num_train], x[num_train:], y[num_train:])

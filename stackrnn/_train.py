@@ -1,0 +1,229 @@
+"""Training a language model on optax: one compiled call per epoch.
+
+An epoch is a single `eqx.filter_jit` call that shuffles the training windows, scans
+the optimiser step over all batches (each batch `jax.vmap`s the model over its
+windows), then scans the validation windows. Python runs once per epoch, never per
+batch, so small models are not dominated by dispatch overhead.
+"""
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+from tqdm.auto import tqdm
+
+from ._checks import check_size
+from ._data import CharData
+from ._lm import RNNLM, sequence_loss
+
+
+def default_optimizer(
+    learning_rate: float = 2.0, clip: float = 1.0
+) -> optax.GradientTransformation:
+    """d2l's optimiser for its RNN language models: gradients clipped to global norm
+    `clip`, then SGD with `learning_rate`.
+
+    **Arguments:**
+
+    - `learning_rate`: the SGD step size; d2l uses 2.
+    - `clip`: the largest global gradient norm; d2l's `gradient_clip_val=1`.
+
+    **Returns:**
+
+    `optax.chain(optax.clip_by_global_norm(clip), optax.sgd(learning_rate))`.
+    """
+    for name, value in (("learning_rate", learning_rate), ("clip", clip)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"`{name}` must be a number > 0, got {value!r}")
+    return optax.chain(optax.clip_by_global_norm(clip), optax.sgd(learning_rate))
+
+
+@dataclasses.dataclass
+class History:
+    """Per-epoch record of a run: `train_ppl[e]` is the exponential of the mean
+    training loss seen during epoch `e`, `val_ppl[e]` the validation perplexity
+    after it, `seconds[e]` its wall time (the first epoch of a process includes
+    compilation)."""
+
+    train_ppl: list[float] = dataclasses.field(default_factory=list)
+    val_ppl: list[float] = dataclasses.field(default_factory=list)
+    seconds: list[float] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.train_ppl)
+
+
+def _batches(order: Int[Array, " n"], batch_size: int, dtype):
+    """Splits `order` into batches of `batch_size`, the last one padded with window
+    0; the mask is 1 for real windows and 0 for padding."""
+    n = order.shape[0]
+    num_batches = -(-n // batch_size)
+    pad = num_batches * batch_size - n
+    order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
+    mask = (jnp.arange(num_batches * batch_size) < n).astype(dtype)
+    return order.reshape(num_batches, -1), mask.reshape(num_batches, -1)
+
+
+def _batch_loss(model, x, y, mask, key, inference):
+    """Mean loss over the real windows of a batch: padded windows weigh nothing, so a
+    short last batch is exactly the mean over its windows, as d2l's `DataLoader`."""
+    keys = jax.random.split(key, x.shape[0])
+    losses = jax.vmap(
+        lambda x, y, k: sequence_loss(model, x, y, key=k, inference=inference)
+    )(x, y, keys)
+    return jnp.sum(losses * mask) / jnp.sum(mask)
+
+
+@eqx.filter_jit
+def _epoch(
+    model: RNNLM,
+    opt_state: PyTree,
+    data: tuple[Int[Array, "n time"], ...],
+    key: PRNGKeyArray,
+    optimizer: optax.GradientTransformation,
+    batch_size: int,
+) -> tuple[RNNLM, PyTree, Float[Array, ""], Float[Array, ""]]:
+    train_x, train_y, val_x, val_y = data
+    dtype = model.weight.dtype
+    perm_key, step_key = jax.random.split(key)
+    order, mask = _batches(
+        jax.random.permutation(perm_key, train_x.shape[0]), batch_size, dtype
+    )
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def step(carry, batch):
+        params, opt_state = carry
+        idx, m, k = batch
+        loss, grads = jax.value_and_grad(
+            lambda p: _batch_loss(
+                eqx.combine(p, static), train_x[idx], train_y[idx], m, k, False
+            )
+        )(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (eqx.apply_updates(params, updates), opt_state), loss * jnp.sum(m)
+
+    step_keys = jax.random.split(step_key, order.shape[0])
+    (params, opt_state), losses = jax.lax.scan(
+        step, (params, opt_state), (order, mask, step_keys)
+    )
+    model = eqx.combine(params, static)
+    train_loss = jnp.sum(losses) / train_x.shape[0]
+
+    def evaluate(total, batch):
+        idx, m = batch
+        loss = _batch_loss(model, val_x[idx], val_y[idx], m, key, True)
+        return total + loss * jnp.sum(m), None
+
+    val_order, val_mask = _batches(jnp.arange(val_x.shape[0]), batch_size, dtype)
+    val_total, _ = jax.lax.scan(evaluate, jnp.zeros((), dtype), (val_order, val_mask))
+    return model, opt_state, train_loss, val_total / val_x.shape[0]
+
+
+def fit(
+    model: RNNLM,
+    data: CharData,
+    *,
+    epochs: int,
+    key: PRNGKeyArray,
+    optimizer: optax.GradientTransformation | None = None,
+    batch_size: int = 1024,
+    opt_state: PyTree | None = None,
+    history: History | None = None,
+    on_epoch: Callable[[RNNLM, PyTree, History], None] | None = None,
+    progress: bool = True,
+) -> tuple[RNNLM, PyTree, History]:
+    """Trains a language model for `epochs` epochs, or continues a run up to them.
+
+    Each epoch shuffles the training windows with the key `fold_in(key, epoch)` and
+    takes one optimiser step per batch of `batch_size` windows (the last batch keeps
+    the remaining windows, as d2l's `DataLoader`). Since an epoch depends only on
+    `key`, its number and the state before it, a run resumed from the model,
+    optimiser state and history saved after epoch `k` continues exactly as the
+    uninterrupted run, bit for bit.
+
+    **Arguments:**
+
+    - `model`: the language model.
+    - `data`: the windows to train and validate on.
+    - `epochs`: the total number of epochs of the run (including any in `history`).
+      (Keyword only argument.)
+    - `key`: the run's `jax.random.PRNGKey`, for shuffling and dropout.
+      (Keyword only argument.)
+    - `optimizer`: any optax optimiser; default [`stackrnn.default_optimizer`][]`()`.
+      (Keyword only argument.)
+    - `batch_size`: windows per step. (Keyword only argument.)
+    - `opt_state`: the optimiser state to continue from; `optimizer.init` of the
+      model's parameters if omitted. (Keyword only argument.)
+    - `history`: the record of the epochs already run, to continue a run.
+      (Keyword only argument.)
+    - `on_epoch`: called as `on_epoch(model, opt_state, history)` after every epoch,
+      e.g. to save a checkpoint. (Keyword only argument.)
+    - `progress`: show a progress bar with epoch, perplexities and tokens/s.
+      (Keyword only argument.)
+
+    **Returns:**
+
+    `(model, opt_state, history)` after the last epoch.
+    """
+    check_size("epochs", epochs, minimum=0)
+    check_size("batch_size", batch_size)
+    if optimizer is None:
+        optimizer = default_optimizer()
+    if opt_state is None:
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    # A copy: the caller's history stays as it was.
+    history = History() if history is None else History(*dataclasses.astuple(history))
+    arrays = tuple(
+        jnp.asarray(a) for a in (data.train_x, data.train_y, data.val_x, data.val_y)
+    )
+    train_tokens = data.train_x.size
+    bar = tqdm(total=epochs, initial=len(history), unit="epoch", disable=not progress)
+    with bar:
+        for epoch in range(len(history), epochs):
+            start = time.perf_counter()
+            model, opt_state, train_loss, val_loss = _epoch(
+                model,
+                opt_state,
+                arrays,
+                jax.random.fold_in(key, epoch),
+                optimizer,
+                batch_size,
+            )
+            train_ppl, val_ppl = np.exp(float(train_loss)), np.exp(float(val_loss))
+            seconds = time.perf_counter() - start
+            history.train_ppl.append(float(train_ppl))
+            history.val_ppl.append(float(val_ppl))
+            history.seconds.append(seconds)
+            bar.set_postfix(
+                train_ppl=f"{train_ppl:.2f}",
+                val_ppl=f"{val_ppl:.2f}",
+                tok_s=f"{train_tokens / seconds:.3g}",
+            )
+            bar.update()
+            if on_epoch is not None:
+                on_epoch(model, opt_state, history)
+    return model, opt_state, history
+
+
+def plot_history(history: History, path) -> None:
+    """Draws the training and validation perplexity per epoch (d2l's curves) into a
+    PNG file at `path`."""
+    # A bare Figure needs neither pyplot nor a GUI backend.
+    from matplotlib.figure import Figure
+
+    epochs = np.arange(1, len(history) + 1)
+    fig = Figure(figsize=(5, 3.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(epochs, history.train_ppl, label="train ppl")
+    ax.plot(epochs, history.val_ppl, "--", label="val ppl")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=100)

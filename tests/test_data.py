@@ -1,0 +1,166 @@
+import hashlib
+import pathlib
+import shutil
+
+import numpy as np
+import pooch
+import pytest
+import requests
+from hypothesis import given, strategies as st
+
+import stackrnn
+
+
+# The CI clone has shared/ beside the repository.
+TIME_MACHINE = pathlib.Path(__file__).parents[2] / "shared" / "data" / "timemachine.txt"
+
+
+def test_preprocess_is_d2ls():
+    # re.sub('[^A-Za-z]+', ' ', text).lower(), worked out by hand.
+    text = "The Time--Machine, by H. G. Wells [1898]\n\nI\n"
+    assert stackrnn.preprocess(text) == "the time machine by h g wells i "
+
+
+def test_vocab_of_a_known_string():
+    # "The cat, the HAT." -> "the cat the hat " -> d2l's Vocab: sorted(set(tokens +
+    # ['<unk>'])), so " " (0x20) < "<unk>" (0x3C) < letters.
+    vocab = stackrnn.Vocab.from_tokens(list(stackrnn.preprocess("The cat, the HAT.")))
+    assert vocab.tokens == (" ", "<unk>", "a", "c", "e", "h", "t")
+    assert vocab.unk == 1
+    np.testing.assert_array_equal(vocab.encode("hat z"), [5, 2, 6, 0, 1])
+    assert vocab.decode([6, 5, 4]) == "the"
+
+
+def test_windows_of_a_known_string():
+    data = stackrnn.CharData.from_text("ab cd!ef", num_steps=3, num_train=2, num_val=9)
+    # Preprocessed: "ab cd ef" (8 tokens): windows of 4 start at 0..4.
+    assert data.vocab.tokens == (" ", "<unk>", "a", "b", "c", "d", "e", "f")
+    decode = data.vocab.decode
+    assert [decode(x) for x in data.train_x] == ["ab ", "b c"]
+    assert [decode(y) for y in data.train_y] == ["b c", " cd"]
+    # num_val is an upper bound, as d2l's slice: only 3 windows remain.
+    assert [decode(x) for x in data.val_x] == [" cd", "cd ", "d e"]
+    assert [decode(y) for y in data.val_y] == ["cd ", "d e", " ef"]
+    assert data.train_x.dtype == np.int32 and data.num_steps == 3
+
+
+@given(
+    text=st.text(alphabet="ab cD,é\n", min_size=1, max_size=60),
+    num_steps=st.integers(1, 6),
+    num_train=st.integers(1, 10),
+    num_val=st.integers(1, 10),
+)
+def test_windows_match_d2ls_definition(text, num_steps, num_train, num_val):
+    tokens = list(stackrnn.preprocess(text))
+    if len(tokens) - num_steps < num_train + 1:
+        with pytest.raises(ValueError, match="num_train"):
+            stackrnn.CharData.from_text(
+                text, num_steps=num_steps, num_train=num_train, num_val=num_val
+            )
+        return
+    data = stackrnn.CharData.from_text(
+        text, num_steps=num_steps, num_train=num_train, num_val=num_val
+    )
+    # d2l: array = [corpus[i:i+num_steps+1] for i in range(len(corpus)-num_steps)]
+    vocab = sorted(set(tokens + ["<unk>"]))
+    corpus = [vocab.index(t) for t in tokens]
+    array = np.array(
+        [corpus[i : i + num_steps + 1] for i in range(len(corpus) - num_steps)]
+    )
+    x, y = array[:, :-1], array[:, 1:]
+    assert list(data.vocab.tokens) == vocab
+    np.testing.assert_array_equal(data.train_x, x[:num_train])
+    np.testing.assert_array_equal(data.train_y, y[:num_train])
+    np.testing.assert_array_equal(data.val_x, x[num_train : num_train + num_val])
+    np.testing.assert_array_equal(data.val_y, y[num_train : num_train + num_val])
+
+
+def test_time_machine():
+    text = stackrnn.load_text(TIME_MACHINE)
+    assert hashlib.sha1(text.encode()).hexdigest() == stackrnn._data.TIME_MACHINE_SHA1
+    data = stackrnn.CharData.from_text(text)
+    assert len(data.vocab) == 28
+    assert data.vocab.tokens[:3] == (" ", "<unk>", "a")
+    assert data.train_x.shape == data.train_y.shape == (10000, 32)
+    assert data.val_x.shape == data.val_y.shape == (5000, 32)
+    assert data.vocab.decode(data.train_x[0]) == "the time machine by h g wells i "
+    np.testing.assert_array_equal(data.train_x[1:, :], data.train_y[:-1, :])
+
+
+def test_vocabulary_can_be_given():
+    vocab = stackrnn.Vocab((" ", "<unk>", "a", "b"))
+    data = stackrnn.CharData.from_text(
+        "abcab ab", num_steps=2, num_train=2, num_val=1, vocab=vocab
+    )
+    assert data.vocab is vocab
+    assert vocab.decode(data.train_x[0]) == "ab"
+    assert vocab.decode(data.train_x[1]) == "b<unk>"
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "is empty"),
+        (b" \n\t ", "is empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8 text"),
+        (b"caf\xe9 au lait " * 50, "not UTF-8 text"),
+        (b"only a few words", "windows"),
+        (b"1234567890 " * 100, "windows"),
+    ],
+)
+def test_bad_files(tmp_path, content, match):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        stackrnn.CharData.from_text(
+            stackrnn.load_text(path), num_steps=32, num_train=10, num_val=5
+        )
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        stackrnn.load_text(tmp_path / "nope.txt")
+
+
+def test_bad_vocab():
+    with pytest.raises(ValueError, match="<unk>"):
+        stackrnn.Vocab(("a", "b"))
+    with pytest.raises(ValueError, match="distinct"):
+        stackrnn.Vocab(("<unk>", "a", "a"))
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No STACKRNN_DATA, an empty user cache, and any download fails."""
+
+    def fail(*args, **kwargs):
+        raise requests.ConnectionError("network is unreachable (test)")
+
+    monkeypatch.delenv("STACKRNN_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(pooch.HTTPDownloader, "__call__", fail)
+    return tmp_path / "cache" / "stackrnn"
+
+
+def test_source_order(offline, monkeypatch, tmp_path):
+    own = tmp_path / "own.txt"
+    own.write_text("my own text")
+    env = tmp_path / "env.txt"
+    env.write_text("from the environment")
+    monkeypatch.setenv("STACKRNN_DATA", str(env))
+    assert stackrnn.load_text(own) == "my own text"
+    assert stackrnn.load_text() == "from the environment"
+    monkeypatch.delenv("STACKRNN_DATA")
+    offline.mkdir(parents=True)
+    shutil.copy(TIME_MACHINE, offline / "timemachine.txt")
+    assert stackrnn.load_text() == TIME_MACHINE.read_text()
+
+
+def test_offline_error_names_the_three_ways(offline):
+    with pytest.raises(FileNotFoundError) as info:
+        stackrnn.load_text()
+    message = str(info.value)
+    assert "network is unreachable (test)" in message
+    assert "--data FILE" in message
+    assert "STACKRNN_DATA" in message
+    assert str(offline / "timemachine.txt") in message

@@ -1,0 +1,96 @@
+import itertools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import stackrnn
+
+
+VOCAB = stackrnn.Vocab.from_tokens(list("abcdefgh "))
+
+
+@pytest.fixture(scope="module")
+def model():
+    k1, k2 = jax.random.split(jax.random.key(3))
+    rnn = stackrnn.GRU(len(VOCAB), 8, 2, key=k1)
+    return stackrnn.RNNLM(rnn, len(VOCAB), key=k2)
+
+
+@eqx.filter_jit
+def last_logits(model, tokens):
+    return model(tokens)[0][-1]
+
+
+def rerun_prefix(model, prefix, num, temperature, key):
+    """The slow reference: re-read the whole text so far for every new character."""
+    text = prefix
+    for i in range(num):
+        logits = last_logits(model, jnp.asarray(VOCAB.encode(text)))
+        if temperature == 0:
+            token = int(jnp.argmax(logits))
+        else:
+            sub = jax.random.fold_in(key, i)
+            token = int(jax.random.categorical(sub, logits / temperature))
+        text += VOCAB.tokens[token]
+    return text
+
+
+@settings(max_examples=4)
+@given(
+    prefix=st.text(alphabet="abcdefgh ", min_size=1, max_size=5).filter(str.strip),
+    temperature=st.sampled_from([0.0, 0.7, 1.0]),
+    seed=st.integers(0, 100),
+)
+def test_streaming_equals_rerunning_the_prefix(model, prefix, temperature, seed):
+    key = jax.random.key(seed)
+    expected = rerun_prefix(model, prefix, 8, temperature, key)
+    got = stackrnn.predict(model, VOCAB, prefix, 8, temperature=temperature, key=key)
+    assert got == expected
+
+
+def test_predict_is_prefix_plus_predictions(model):
+    # The prefix is preprocessed as the training text; then come 10 tokens (an
+    # untrained model may well predict `<unk>`, which d2l's predict prints as is).
+    chars = list(itertools.islice(stackrnn.generate(model, VOCAB, "Bad, ach!"), 10))
+    assert len(chars) == 10 and set(chars) <= set(VOCAB.tokens)
+    assert stackrnn.predict(model, VOCAB, "Bad, ach!", 10) == "bad ach " + "".join(
+        chars
+    )
+
+
+def test_sampling_is_deterministic_for_a_key(model):
+    def sample(seed):
+        return stackrnn.predict(
+            model, VOCAB, "abc", 30, temperature=1.0, key=jax.random.key(seed)
+        )
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_generate_streams(model):
+    chars = stackrnn.generate(model, VOCAB, "abc")
+    first = list(itertools.islice(chars, 5))
+    more = list(itertools.islice(chars, 5))
+    assert "".join(first + more) == stackrnn.predict(model, VOCAB, "abc", 10)[3:]
+
+
+def test_greedy_ignores_the_key(model):
+    a = stackrnn.predict(model, VOCAB, "abc", 10, key=jax.random.key(1))
+    b = stackrnn.predict(model, VOCAB, "abc", 10, key=jax.random.key(2))
+    assert a == b
+
+
+def test_errors(model):
+    with pytest.raises(ValueError, match="`temperature` must be a number >= 0"):
+        stackrnn.generate(model, VOCAB, "abc", temperature=-1.0)
+    with pytest.raises(ValueError, match="needs a `key`"):
+        stackrnn.generate(model, VOCAB, "abc", temperature=0.5)
+    with pytest.raises(ValueError, match="`prefix` must contain at least one letter"):
+        stackrnn.predict(model, VOCAB, "!?", 3)
+    with pytest.raises(ValueError, match="`num_preds`"):
+        stackrnn.predict(model, VOCAB, "abc", -1)
+    assert stackrnn.predict(model, VOCAB, "abc", 0) == "abc"

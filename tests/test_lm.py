@@ -1,0 +1,92 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import stackrnn
+
+from .helpers import tree_allclose
+
+
+CONSTRUCTORS = {"rnn": stackrnn.RNN, "gru": stackrnn.GRU, "lstm": stackrnn.LSTM}
+
+
+def make_lm(cell, vocab_size, hidden, layers, key, *, embedding=0):
+    k1, k2 = jax.random.split(key)
+    rnn = CONSTRUCTORS[cell](embedding or vocab_size, hidden, layers, key=k1)
+    return stackrnn.RNNLM(rnn, vocab_size, embedding=embedding > 0, key=k2)
+
+
+@settings(max_examples=6)
+@given(
+    cell=st.sampled_from(sorted(CONSTRUCTORS)),
+    vocab_size=st.integers(2, 6),
+    hidden=st.integers(1, 5),
+    layers=st.integers(1, 3),
+    embedding=st.sampled_from([0, 3]),
+    time=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_one_pass_equals_token_by_token(
+    cell, vocab_size, hidden, layers, embedding, time, seed
+):
+    # Streaming invariant: carrying the state one token at a time computes the same
+    # logits and final state as one pass over the whole sequence.
+    key, tkey = jax.random.split(jax.random.key(seed))
+    model = make_lm(cell, vocab_size, hidden, layers, key, embedding=embedding)
+    tokens = jax.random.randint(tkey, (time,), 0, vocab_size)
+    logits, final = eqx.filter_jit(model)(tokens)
+    assert logits.shape == (time, vocab_size)
+    step = eqx.filter_jit(lambda m, token, state: m(token, state))
+    state = model.init_state()
+    steps = []
+    for t in range(time):
+        step_logits, state = step(model, tokens[t : t + 1], state)
+        steps.append(step_logits[0])
+    assert tree_allclose(jnp.stack(steps), logits, rtol=1e-5, atol=1e-6)
+    assert tree_allclose(state, final, rtol=1e-5, atol=1e-6)
+
+
+def test_one_hot_is_indexing_the_input_weights(getkey):
+    # With one-hot inputs, the first layer reads column `token` of `weight_ih`:
+    # the model equals the stack run on rows of the identity matrix.
+    model = make_lm("gru", 5, 4, 2, getkey())
+    tokens = jnp.array([4, 0, 2, 2, 1])
+    hs, _ = model.rnn(jnp.eye(5)[tokens])
+    logits, _ = model(tokens)
+    assert tree_allclose(logits, hs @ model.weight.T + model.bias)
+
+
+def test_uniform_model_has_perplexity_vocab_size(getkey):
+    # Zero readout: every token gets probability 1/V, so the loss is log V.
+    model = make_lm("rnn", 7, 3, 2, getkey())
+    model = eqx.tree_at(lambda m: (m.weight, m.bias), model, replace_fn=jnp.zeros_like)
+    tokens = jnp.array([1, 2, 3, 0])
+    loss = stackrnn.sequence_loss(model, tokens, jnp.array([2, 3, 0, 6]))
+    np.testing.assert_allclose(np.exp(loss), 7.0, rtol=1e-6)
+
+
+def test_readout_init(getkey):
+    k1, k2 = getkey(), getkey()
+    rnn = stackrnn.RNN(10, 16, 2, init=stackrnn.NormalInit(0.01), key=k1)
+    model = stackrnn.RNNLM(rnn, 10, init=stackrnn.NormalInit(0.01), key=k2)
+    assert model.weight.shape == (10, 16)
+    assert np.all(model.bias == 0)
+    assert 0.005 < float(jnp.std(model.weight)) < 0.015
+    model = stackrnn.RNNLM(rnn, 10, key=k2)
+    assert float(jnp.max(jnp.abs(model.weight))) <= 1 / 4  # U(-1/sqrt(16), ..)
+
+
+def test_errors(getkey):
+    rnn = stackrnn.GRU(5, 4, key=getkey())
+    with pytest.raises(ValueError, match=r"`rnn.input_size` \(=5\) must equal"):
+        stackrnn.RNNLM(rnn, 6, key=getkey())
+    with pytest.raises(TypeError, match="`rnn` must be a StackedRNN"):
+        stackrnn.RNNLM(rnn.cells[0], 5, key=getkey())
+    model = stackrnn.RNNLM(rnn, 5, key=getkey())
+    with pytest.raises(TypeError, match="`tokens` must be an integer array"):
+        model(jnp.zeros((3,)))
+    with pytest.raises(ValueError, match=r"jax.vmap\(model\)"):
+        model(jnp.zeros((2, 3), jnp.int32))

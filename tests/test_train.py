@@ -1,0 +1,193 @@
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import stackrnn
+from stackrnn._train import _batch_loss, _batches, _epoch
+
+from .helpers import tree_allclose, tree_equal
+
+
+TEXT = "the time traveller for so it will be convenient to speak of him " * 4
+
+
+@pytest.fixture(scope="module")
+def data():
+    return stackrnn.CharData.from_text(TEXT, num_steps=8, num_train=150, num_val=40)
+
+
+def tiny_model(data, key, cell=stackrnn.GRU):
+    k1, k2 = jax.random.split(key)
+    rnn = cell(len(data.vocab), 16, 2, key=k1)
+    return stackrnn.RNNLM(rnn, len(data.vocab), key=k2)
+
+
+@given(n=st.integers(1, 40), batch_size=st.integers(1, 16))
+def test_batches_cover_every_window_once(n, batch_size):
+    order = jnp.arange(n)[::-1]
+    batches, mask = _batches(order, batch_size, jnp.float32)
+    assert batches.shape == mask.shape == (-(-n // batch_size), batch_size)
+    np.testing.assert_array_equal(batches.ravel()[mask.ravel() == 1], order)
+    # Only the last batch is short, and it keeps all remaining windows (d2l's
+    # DataLoader with drop_last=False).
+    np.testing.assert_array_equal(mask[:-1], 1)
+    assert mask[-1].sum() == n - batch_size * (len(mask) - 1)
+
+
+def test_padded_batch_is_the_mean_over_real_windows(data, getkey):
+    model = tiny_model(data, getkey())
+    x, y = jnp.asarray(data.train_x[:5]), jnp.asarray(data.train_y[:5])
+    idx, mask = _batches(jnp.arange(5), 8, jnp.float32)
+    key = getkey()
+
+    def padded(m):
+        return _batch_loss(m, x[idx[0]], y[idx[0]], mask[0], key, True)
+
+    def unpadded(m):
+        return jnp.mean(jax.vmap(lambda a, b: stackrnn.sequence_loss(m, a, b))(x, y))
+
+    loss, grads = eqx.filter_jit(eqx.filter_value_and_grad(padded))(model)
+    ref_loss, ref_grads = eqx.filter_jit(eqx.filter_value_and_grad(unpadded))(model)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+
+
+@settings(max_examples=2)
+@given(batch_size=st.integers(20, 160), seed=st.integers(0, 100))
+def test_compiled_epoch_equals_a_python_loop_over_batches(data, batch_size, seed):
+    # The reference: d2l's loop, one step per batch of the shuffled windows, the last
+    # batch short; then the mean loss over all validation windows.
+    model = tiny_model(data, jax.random.key(seed))
+    optimizer = stackrnn.default_optimizer(1.0, 1.0)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    key = jax.random.key(seed + 1)
+    arrays = tuple(
+        jnp.asarray(a) for a in (data.train_x, data.train_y, data.val_x, data.val_y)
+    )
+    fast = _epoch(model, opt_state, arrays, key, optimizer, batch_size)
+
+    def mean_loss(model, x, y):
+        return jnp.mean(
+            jax.vmap(lambda a, b: stackrnn.sequence_loss(model, a, b))(x, y)
+        )
+
+    @eqx.filter_jit
+    def step(model, opt_state, x, y):
+        loss, grads = eqx.filter_value_and_grad(mean_loss)(model, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, model)
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    perm_key, _ = jax.random.split(key)
+    order = np.asarray(jax.random.permutation(perm_key, len(data.train_x)))
+    total = 0.0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        model, opt_state, loss = step(
+            model, opt_state, data.train_x[idx], data.train_y[idx]
+        )
+        total += float(loss) * len(idx)
+    val_loss = mean_loss(model, data.val_x, data.val_y)
+
+    params = eqx.filter(model, eqx.is_inexact_array)
+    assert tree_allclose(eqx.filter(fast[0], eqx.is_inexact_array), params, rtol=1e-4)
+    np.testing.assert_allclose(fast[2], total / len(order), rtol=1e-5)
+    np.testing.assert_allclose(fast[3], val_loss, rtol=1e-5)
+
+
+def test_loss_decreases(data, getkey):
+    model = tiny_model(data, getkey())
+    _, _, history = stackrnn.fit(
+        model, data, epochs=12, key=getkey(), batch_size=32, progress=False
+    )
+    assert len(history) == 12
+    assert history.train_ppl[0] > 15
+    assert history.train_ppl[-1] < 0.5 * history.train_ppl[0]
+    assert history.val_ppl[-1] < 0.7 * history.val_ppl[0]
+
+
+def test_resume_is_bit_exact(data, getkey, tmp_path):
+    # Any optax optimiser: momentum is a state that must survive the checkpoint.
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5, 0.9))
+    model, key = tiny_model(data, getkey(), cell=stackrnn.LSTM), getkey()
+    kwargs = dict(key=key, optimizer=optimizer, batch_size=64, progress=False)
+    full = stackrnn.fit(model, data, epochs=4, **kwargs)
+
+    def save(model, opt_state, history):
+        stackrnn.Checkpoint.save(
+            tmp_path,
+            (model, opt_state),
+            hyperparameters={"note": "test"},
+            vocab=data.vocab,
+            history=history,
+        )
+
+    stackrnn.fit(model, data, epochs=2, on_epoch=save, **kwargs)
+    saved = stackrnn.Checkpoint.read(tmp_path)
+    assert saved.hyperparameters == {"note": "test"}
+    assert saved.vocab == data.vocab and len(saved.history) == 2
+    like = (model, optimizer.init(eqx.filter(model, eqx.is_inexact_array)))
+    resumed_model, resumed_state = saved.load(like)
+    resumed = stackrnn.fit(
+        resumed_model,
+        data,
+        epochs=4,
+        opt_state=resumed_state,
+        history=saved.history,
+        **kwargs,
+    )
+    assert tree_equal(
+        eqx.filter(full[0], eqx.is_array), eqx.filter(resumed[0], eqx.is_array)
+    )
+    assert tree_equal(full[1], resumed[1])
+    assert full[2].train_ppl == resumed[2].train_ppl
+    assert full[2].val_ppl == resumed[2].val_ppl
+
+
+def test_checkpoint_files(data, getkey, tmp_path):
+    model = tiny_model(data, getkey())
+    history = stackrnn.History([9.0], [10.0], [0.5])
+    for epochs in (1, 2):
+        history = stackrnn.History(*(f * epochs for f in dataclasses.astuple(history)))
+        stackrnn.Checkpoint.save(
+            tmp_path / "run",
+            model,
+            hyperparameters={},
+            vocab=data.vocab,
+            history=history,
+        )
+    # The JSON record and the newest state only: no temporary or stale files.
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoint.json",
+        "state-000002.eqx",
+    ]
+    saved = stackrnn.Checkpoint.read(tmp_path / "run")
+    assert saved.history == history
+    assert tree_equal(
+        eqx.filter(saved.load(tiny_model(data, getkey())), eqx.is_array),
+        eqx.filter(model, eqx.is_array),
+    )
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        stackrnn.Checkpoint.read(tmp_path)
+
+
+def test_plot(tmp_path):
+    history = stackrnn.History([20.0, 10.0, 8.0], [21.0, 12.0, 9.0], [1.0, 0.2, 0.2])
+    stackrnn.plot_history(history, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments(data, getkey):
+    with pytest.raises(ValueError, match="`learning_rate` must be a number > 0"):
+        stackrnn.default_optimizer(0)
+    with pytest.raises(ValueError, match="`clip` must be a number > 0"):
+        stackrnn.default_optimizer(2.0, -1.0)
+    model = tiny_model(data, getkey())
+    with pytest.raises(ValueError, match="`batch_size` must be an integer >= 1"):
+        stackrnn.fit(model, data, epochs=1, key=getkey(), batch_size=0)
