@@ -57,6 +57,7 @@ class TorchConfig:
     num_layers: int
     bias: bool
     proj_size: int
+    bidirectional: bool
     time: int
     batch: int
     dtype: str
@@ -65,6 +66,10 @@ class TorchConfig:
     @property
     def output_size(self):
         return self.proj_size or self.hidden_size
+
+    @property
+    def num_states(self):
+        return self.num_layers * (1 + self.bidirectional)
 
 
 @st.composite
@@ -78,6 +83,7 @@ def torch_configs(draw, dtypes=("float32", "float64")):
         num_layers=draw(st.integers(1, 4)),
         bias=draw(st.booleans()),
         proj_size=draw(st.integers(0, hidden_size - 1)) if cell == "lstm" else 0,
+        bidirectional=draw(st.booleans()),
         time=draw(st.integers(1, 4)),
         batch=draw(st.integers(1, 3)),
         dtype=draw(st.sampled_from(dtypes)),
@@ -92,7 +98,12 @@ def make_module(cfg: TorchConfig, **kwargs):
     if cfg.proj_size:
         kwargs["proj_size"] = cfg.proj_size
     module = TORCH_CLASS[cfg.cell](
-        cfg.input_size, cfg.hidden_size, cfg.num_layers, bias=cfg.bias, **kwargs
+        cfg.input_size,
+        cfg.hidden_size,
+        cfg.num_layers,
+        bias=cfg.bias,
+        bidirectional=cfg.bidirectional,
+        **kwargs,
     )
     return module.to(getattr(torch, cfg.dtype))
 
@@ -117,18 +128,19 @@ def test_matches_torch_outputs_states_and_gradients(cfg):
     """Outputs, final states and the gradients of a random linear functional of
     them w.r.t. inputs, initial state and every weight equal PyTorch's, on
     PyTorch's `(time, batch, features)` layout with an initial state
-    `(num_layers, batch, hidden)`, batched with `jax.vmap` on our side."""
+    `(num_layers * num_directions, batch, hidden)`, batched with `jax.vmap` on our
+    side."""
     module = make_module(cfg)
     rng = np.random.default_rng(cfg.seed)
-    L, T, B = cfg.num_layers, cfg.time, cfg.batch
+    S, T, B = cfg.num_states, cfg.time, cfg.batch
 
     def draw(*shape):
         return rng.standard_normal(shape).astype(cfg.dtype)
 
     xs = draw(T, B, cfg.input_size)
-    h0 = draw(L, B, cfg.output_size)
-    state = (h0, draw(L, B, cfg.hidden_size)) if cfg.cell == "lstm" else h0
-    ct_ys = draw(T, B, cfg.output_size)
+    h0 = draw(S, B, cfg.output_size)
+    state = (h0, draw(S, B, cfg.hidden_size)) if cfg.cell == "lstm" else h0
+    ct_ys = draw(T, B, cfg.output_size * (1 + cfg.bidirectional))
     ct_state = jax.tree.map(lambda s: draw(*s.shape), state)
 
     xs_t = torch.tensor(xs, requires_grad=True)
@@ -173,7 +185,7 @@ def test_matches_torch_outputs_states_and_gradients(cfg):
 def test_batch_first_recipe():
     """With `batch_first=True` only the axes of `xs` and `ys` move; states keep
     PyTorch's `(num_layers, batch, hidden)` layout."""
-    cfg = TorchConfig("lstm", 3, 4, 2, True, 2, 5, 3, "float32", 0)
+    cfg = TorchConfig("lstm", 3, 4, 2, True, 2, False, 5, 3, "float32", 0)
     module = make_module(cfg, batch_first=True)
     rng = np.random.default_rng(0)
     xs = rng.standard_normal((3, 5, 3)).astype(np.float32)
@@ -203,6 +215,7 @@ def stack_configs(draw):
         num_layers=num_layers,
         bias=draw(st.booleans()),
         proj_size=draw(st.integers(0, hidden_size - 1)) if cell == "lstm" else 0,
+        bidirectional=draw(st.booleans()),
         dropout=draw(st.sampled_from([0.0, 0.25])) if num_layers > 1 else 0.0,
         dtype=draw(st.sampled_from(["float16", "float32", "float64"])),
         seed=draw(st.integers(0, 2**16)),
@@ -213,6 +226,7 @@ def make_stack(cfg):
     kwargs = dict(
         num_layers=cfg["num_layers"],
         bias=cfg["bias"],
+        bidirectional=cfg["bidirectional"],
         dropout=cfg["dropout"],
         dtype=getattr(jnp, cfg["dtype"]),
         key=jax.random.key(cfg["seed"]),
@@ -277,7 +291,8 @@ def test_missing_and_unexpected_keys():
     with pytest.raises(ValueError) as e:
         from_torch(state_dict, cell="gru")
     msg = str(e.value)
-    assert "2-layer 'gru' stack (input_size=3, hidden_size=4, bias=True)" in msg
+    config = "input_size=3, hidden_size=4, bias=True, bidirectional=False"
+    assert f"2-layer 'gru' stack ({config})" in msg
     assert "missing keys ['bias_hh_l1']" in msg
     assert "unexpected keys ['weight_hr_l0']" in msg
     assert "'weight_ih_l1', 'weight_hh_l1', 'bias_ih_l1', 'bias_hh_l1']" in msg
@@ -349,12 +364,14 @@ def test_not_an_rnn():
         from_torch(torch.nn.Linear(3, 4))
 
 
-def test_bidirectional_not_yet_supported():
-    module = torch.nn.GRU(3, 4, bidirectional=True)
-    with pytest.raises(NotImplementedError, match="bidirectional"):
-        from_torch(module)
-    with pytest.raises(NotImplementedError, match="weight_ih_l0_reverse"):
-        from_torch(module.state_dict(), cell="gru")
+def test_missing_reverse_key():
+    state_dict = dict(torch.nn.GRU(3, 4, 2, bidirectional=True).state_dict())
+    del state_dict["weight_hh_l1_reverse"]
+    with pytest.raises(ValueError) as e:
+        from_torch(state_dict, cell="gru")
+    msg = str(e.value)
+    assert "bias=True, bidirectional=True)" in msg
+    assert "missing keys ['weight_hh_l1_reverse']" in msg
 
 
 def test_float64_needs_x64():
@@ -380,6 +397,13 @@ def test_to_torch_needs_a_uniform_stack(getkey):
     )
     with pytest.raises(ValueError, match=r"cells\[0\]` has cell='gru'.*cell='lstm'"):
         to_torch_module(mixed_cells)
+    cells = [stackrnn.GRUCell(3, 4, key=getkey()) for _ in range(2)]
+    backward = [stackrnn.GRUCell(3, 5, key=getkey())] + cells[1:]
+    mixed_directions = stackrnn.StackedRNN(cells[:1], backward_cells=backward[:1])
+    with pytest.raises(ValueError, match=r"`stack.backward_cells\[0\]` has hidden"):
+        to_torch(mixed_directions)
+    with pytest.raises(ValueError, match="`stack.reverse` must be False"):
+        to_torch(stackrnn.StackedRNN(cells[:1], reverse=True))
     with pytest.raises(TypeError, match="must be a stackrnn.StackedRNN"):
         to_torch(stackrnn.GRUCell(3, 4, key=getkey()))
 

@@ -3,7 +3,8 @@ and `torch.nn.LSTM`.
 
 Our cells keep PyTorch's parameter names, shapes and gate order, so layer `k`'s
 `weight_ih_l{k}`, `weight_hh_l{k}`, `bias_ih_l{k}`, `bias_hh_l{k}` and
-`weight_hr_l{k}` are `stack.cells[k].weight_ih` and so on, copied bit for bit.
+`weight_hr_l{k}` are `stack.cells[k].weight_ih` and so on, copied bit for bit; a
+bidirectional module's `..._l{k}_reverse` are `stack.backward_cells[k]`'s.
 """
 
 try:
@@ -36,12 +37,18 @@ _FROM_MODE: dict[str, Cell] = {
     "LSTM": "lstm",
 }
 _DTYPES = (np.float16, np.float32, np.float64)
-_LAYER_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)$")
+_LAYER_KEY = re.compile(
+    r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$"
+)
 
 
-def _key(role: str, layer: int) -> str:
-    # Bidirectional stacks will add `_reverse` keys for direction 1 here.
-    return f"{role}_l{layer}"
+def _key(role: str, layer: int, direction: int) -> str:
+    return f"{role}_l{layer}" + ("_reverse" if direction else "")
+
+
+def _layers(num_layers: int, bidirectional: bool) -> list[tuple[int, int]]:
+    """`(layer, direction)` pairs in PyTorch's order, the order of its states too."""
+    return [(k, d) for k in range(num_layers) for d in range(1 + bidirectional)]
 
 
 def _roles(bias: bool, proj_size: int) -> tuple[str, ...]:
@@ -54,20 +61,25 @@ def _roles(bias: bool, proj_size: int) -> tuple[str, ...]:
     return roles
 
 
-def _describe(cell, input_size, hidden_size, num_layers, bias, proj_size) -> str:
+def _describe(
+    cell, input_size, hidden_size, num_layers, bias, proj_size, bidirectional
+) -> str:
     proj = f", proj_size={proj_size}" if cell == "lstm" else ""
     return (
         f"a {num_layers}-layer {cell!r} stack (input_size={input_size}, "
-        f"hidden_size={hidden_size}, bias={bias}{proj})"
+        f"hidden_size={hidden_size}, bias={bias}{proj}, "
+        f"bidirectional={bidirectional})"
     )
 
 
-def _expected_shapes(cell, input_size, hidden_size, num_layers, bias, proj_size):
+def _expected_shapes(
+    cell, input_size, hidden_size, num_layers, bias, proj_size, bidirectional
+):
     gates = _GATES[cell] * hidden_size
     out = proj_size or hidden_size
     shapes = {}
-    for layer in range(num_layers):
-        fan_in = input_size if layer == 0 else out
+    for layer, direction in _layers(num_layers, bidirectional):
+        fan_in = input_size if layer == 0 else out * (1 + bidirectional)
         layer_shapes = dict(
             weight_ih=(gates, fan_in),
             weight_hh=(gates, out),
@@ -76,7 +88,7 @@ def _expected_shapes(cell, input_size, hidden_size, num_layers, bias, proj_size)
             weight_hr=(proj_size, hidden_size),
         )
         for role in _roles(bias, proj_size):
-            shapes[_key(role, layer)] = layer_shapes[role]
+            shapes[_key(role, layer, direction)] = layer_shapes[role]
     return shapes
 
 
@@ -92,13 +104,9 @@ def _to_numpy(name, value) -> np.ndarray:
 
 
 def _read_config(cell, arrays):
-    """Infers `(input_size, hidden_size, num_layers, bias, proj_size)` from a state
-    dict's layer-0 parameters; the full check against them comes after."""
-    reverse = sorted(k for k in arrays if k.endswith("_reverse"))
-    if reverse:
-        raise NotImplementedError(
-            f"bidirectional state dicts (keys {reverse}) are not supported yet"
-        )
+    """Infers `(input_size, hidden_size, num_layers, bias, proj_size,
+    bidirectional)` from a state dict's layer-0 parameters; the full check against
+    them comes after."""
     projected = cell == "lstm" and "weight_hr_l0" in arrays
     for name in ("weight_ih_l0", "weight_hh_l0") + ("weight_hr_l0",) * projected:
         if name not in arrays or arrays[name].ndim != 2:
@@ -112,8 +120,9 @@ def _read_config(cell, arrays):
         proj_size, hidden_size = arrays["weight_hr_l0"].shape
     layers = [int(m[2]) for m in map(_LAYER_KEY.match, arrays) if m]
     bias = "bias_ih_l0" in arrays or "bias_hh_l0" in arrays
+    bidirectional = any(k.endswith("_reverse") for k in arrays)
     input_size = arrays["weight_ih_l0"].shape[1]
-    return input_size, hidden_size, max(layers) + 1, bias, proj_size
+    return input_size, hidden_size, max(layers) + 1, bias, proj_size, bidirectional
 
 
 def _check_state_dict(arrays, config):
@@ -159,13 +168,13 @@ def _check_state_dict(arrays, config):
         )
 
 
-def _make_cell(cell, fan_in, hidden_size, bias, proj_size, params) -> AbstractCell:
+def _make_cell(cell, hidden_size, bias, proj_size, params) -> AbstractCell:
     # The cells' initialiser hook hands each parameter over by its PyTorch role, so
     # the arrays go in untouched; the key is required by the signature but unused.
     def init(key, shape, dtype, *, role, hidden_size):
         return params[role]
 
-    args = (fan_in, hidden_size)
+    args = (params["weight_ih"].shape[1], hidden_size)
     dtype, key = params["weight_ih"].dtype, jax.random.key(0)
     if cell == "gru":
         return GRUCell(*args, bias=bias, init=init, dtype=dtype, key=key)
@@ -187,7 +196,8 @@ def from_torch(
     """Builds a [`stackrnn.StackedRNN`][] holding a PyTorch RNN's weights, bit for bit.
 
     Layer `k`'s `weight_ih_l{k}`, `weight_hh_l{k}`, `bias_ih_l{k}`, `bias_hh_l{k}`
-    and `weight_hr_l{k}` become `cells[k].weight_ih` and so on, in their dtype
+    and `weight_hr_l{k}` become `cells[k].weight_ih` and so on (the `_reverse`
+    keys of a bidirectional module, `backward_cells[k]`'s), in their dtype
     (float16, float32 or float64; float64 needs JAX's 64-bit mode). Every key and
     shape is checked: a mismatch raises an error listing what was expected and what
     was found.
@@ -199,8 +209,7 @@ def from_torch(
     **Arguments:**
 
     - `module_or_state_dict`: a `torch.nn.RNN`, `torch.nn.GRU` or `torch.nn.LSTM`
-      (unidirectional; `batch_first` is irrelevant to the weights), or its
-      `state_dict()`.
+      (`batch_first` is irrelevant to the weights), or its `state_dict()`.
     - `cell`: the cell type, `"rnn_tanh"`, `"rnn_relu"`, `"gru"` or `"lstm"`.
       Required for a state dict, which does not record it; checked against a
       module's. (Keyword only argument.)
@@ -209,7 +218,8 @@ def from_torch(
 
     **Returns:**
 
-    A [`stackrnn.StackedRNN`][] with `num_layers` cells of the given type.
+    A [`stackrnn.StackedRNN`][] with `num_layers` cells of the given type, and as
+    many `backward_cells` if the module is bidirectional.
     """
     if isinstance(module_or_state_dict, torch.nn.RNNBase):
         module = module_or_state_dict
@@ -221,11 +231,6 @@ def from_torch(
                 f"`cell` (={cell!r}) does not match the module, a "
                 f"{type(module).__name__} of cell type {found!r}"
             )
-        if module.bidirectional:
-            raise NotImplementedError(
-                "bidirectional PyTorch RNNs are not supported yet; got "
-                f"{type(module).__name__}(bidirectional=True)"
-            )
         cell = found
         config = (
             cell,
@@ -234,6 +239,7 @@ def from_torch(
             module.num_layers,
             module.bias,
             getattr(module, "proj_size", 0),
+            module.bidirectional,
         )
         if dropout is None:
             dropout = module.dropout
@@ -256,25 +262,40 @@ def from_torch(
     if config is None:
         config = (cell, *_read_config(cell, arrays))
     _check_state_dict(arrays, config)
-    _, input_size, hidden_size, num_layers, bias, proj_size = config
-    cells = []
-    for layer in range(num_layers):
+    _, _, hidden_size, num_layers, bias, proj_size, bidirectional = config
+    directions: tuple[list[AbstractCell], list[AbstractCell]] = ([], [])
+    for layer, direction in _layers(num_layers, bidirectional):
         params = {
-            role: jnp.asarray(arrays[_key(role, layer)])
+            role: jnp.asarray(arrays[_key(role, layer, direction)])
             for role in _roles(bias, proj_size)
         }
-        fan_in = input_size if layer == 0 else (proj_size or hidden_size)
-        cells.append(_make_cell(cell, fan_in, hidden_size, bias, proj_size, params))
-    return StackedRNN(cells, dropout=0.0 if dropout is None else dropout)
+        directions[direction].append(
+            _make_cell(cell, hidden_size, bias, proj_size, params)
+        )
+    return StackedRNN(
+        directions[0],
+        backward_cells=directions[1] if bidirectional else None,
+        dropout=0.0 if dropout is None else dropout,
+    )
 
 
 def _stack_config(stack: StackedRNN):
-    """The PyTorch configuration of `stack`, or an error naming the layer that has
-    none: PyTorch's modules hold one cell type and one width for all layers."""
+    """The PyTorch configuration of `stack`, or an error naming the first cell that
+    has none: a PyTorch module has one cell type and width for all its cells."""
     if not isinstance(stack, StackedRNN):
         raise TypeError(f"`stack` must be a stackrnn.StackedRNN, got {type(stack)}")
+    if stack.reverse:
+        raise ValueError(
+            "PyTorch has no stacks that read time backwards only; `stack.reverse` "
+            "must be False"
+        )
+    named = [(f"stack.cells[{i}]", c) for i, c in enumerate(stack.cells)]
+    named += [
+        (f"stack.backward_cells[{i}]", c)
+        for i, c in enumerate(stack.backward_cells or ())
+    ]
     configs = []
-    for i, c in enumerate(stack.cells):
+    for name, c in named:
         if isinstance(c, ElmanCell):
             kind = f"rnn_{c.nonlinearity}"
         elif isinstance(c, GRUCell):
@@ -283,8 +304,8 @@ def _stack_config(stack: StackedRNN):
             kind = "lstm"
         else:
             raise TypeError(
-                f"`stack.cells[{i}]` is a {type(c).__name__}; PyTorch has only "
-                "ElmanCell, GRUCell and LSTMCell stacks"
+                f"`{name}` is a {type(c).__name__}; PyTorch has only ElmanCell, "
+                "GRUCell and LSTMCell stacks"
             )
         configs.append(
             dict(
@@ -294,15 +315,15 @@ def _stack_config(stack: StackedRNN):
                 proj_size=getattr(c, "proj_size", 0),
             )
         )
-    for i, layer in enumerate(configs[1:], 1):
-        for name, value in layer.items():
-            if value != configs[0][name]:
+    for (name, _), config in zip(named[1:], configs[1:]):
+        for key, value in config.items():
+            if value != configs[0][key]:
                 raise ValueError(
-                    f"a PyTorch RNN has one `{name}` for all layers, but "
-                    f"`stack.cells[0]` has {name}={configs[0][name]!r} and "
-                    f"`stack.cells[{i}]` has {name}={value!r}"
+                    f"a PyTorch RNN has one `{key}` for all its cells, but "
+                    f"`stack.cells[0]` has {key}={configs[0][key]!r} and `{name}` "
+                    f"has {key}={value!r}"
                 )
-    return configs[0]
+    return dict(configs[0], bidirectional=stack.bidirectional)
 
 
 def to_torch(stack: StackedRNN) -> dict[str, "torch.Tensor"]:
@@ -315,17 +336,21 @@ def to_torch(stack: StackedRNN) -> dict[str, "torch.Tensor"]:
 
     **Arguments:**
 
-    - `stack`: a [`stackrnn.StackedRNN`][] whose layers share one cell type, width,
-      bias setting and (LSTM) `proj_size`, as PyTorch's modules require.
+    - `stack`: a [`stackrnn.StackedRNN`][] whose cells share one cell type, width,
+      bias setting and (LSTM) `proj_size`, as PyTorch's modules require; it may be
+      bidirectional but not `reverse`.
 
     **Returns:**
 
     A dict from PyTorch's parameter names to CPU `torch.Tensor`s.
     """
     config = _stack_config(stack)
+    directions = (stack.cells, stack.backward_cells or ())
     return {
-        _key(role, layer): torch.from_numpy(np.array(getattr(c, role)))
-        for layer, c in enumerate(stack.cells)
+        _key(role, layer, d): torch.from_numpy(
+            np.array(getattr(directions[d][layer], role))
+        )
+        for layer, d in _layers(stack.num_layers, config["bidirectional"])
         for role in _roles(config["bias"], config["proj_size"])
     }
 
@@ -351,6 +376,7 @@ def to_torch_module(stack: StackedRNN) -> "torch.nn.RNNBase":
         num_layers=stack.num_layers,
         bias=config["bias"],
         dropout=stack.dropout,
+        bidirectional=config["bidirectional"],
         dtype=state_dict["weight_ih_l0"].dtype,
     )
     if cell == "gru":
