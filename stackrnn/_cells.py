@@ -80,6 +80,36 @@ class AbstractCell(eqx.Module):
         return self.recur(self.project_input(x), state)
 
 
+class AbstractAffineCell(AbstractCell):
+    """A cell whose step reads the input and the previous output only through two
+    affine maps, `gates_x = weight_ih @ x + bias_ih` and
+    `gates_h = weight_hh @ output(state) + bias_hh`, combined by an elementwise
+    `pointwise(gates_x, gates_h, state)`.
+
+    Elman, GRU and LSTM cells are of this kind. A layer of such a cell, with no
+    parameters beyond those four, runs on the fast path: both projections and their
+    weight gradients become single matrix products over all time steps.
+    """
+
+    weight_ih: eqx.AbstractVar[Array]
+    weight_hh: eqx.AbstractVar[Array]
+    bias_ih: eqx.AbstractVar[Array | None]
+    bias_hh: eqx.AbstractVar[Array | None]
+
+    @abc.abstractmethod
+    def pointwise(
+        self, gates_x: Float[Array, " gates"], gates_h: Float[Array, " gates"], state
+    ) -> State:
+        """The new state from the two projections and the previous state."""
+
+    def project_input(self, x):
+        return _affine(self.weight_ih, x, self.bias_ih)
+
+    def recur(self, gates_x, state):
+        gates_h = _affine(self.weight_hh, self.output(state), self.bias_hh)
+        return self.pointwise(gates_x, gates_h, state)
+
+
 def _params(init, key, dtype, hidden_size, shapes, bias):
     """Draws PyTorch's parameters in PyTorch's order; `None` for absent biases."""
     roles = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -103,7 +133,7 @@ def _check_config(input_size, hidden_size):
     check_size("hidden_size", hidden_size)
 
 
-class ElmanCell(AbstractCell):
+class ElmanCell(AbstractAffineCell):
     """Elman cell, PyTorch's `nn.RNNCell`:
     `h' = phi(W_ih x + b_ih + W_hh h + b_hh)` with `phi` tanh or relu.
 
@@ -161,18 +191,15 @@ class ElmanCell(AbstractCell):
     def init_state(self) -> Float[Array, " hidden"]:
         return jnp.zeros((self.hidden_size,), self.weight_hh.dtype)
 
-    def project_input(self, x):
-        return _affine(self.weight_ih, x, self.bias_ih)
-
-    def recur(self, gates_x, state):
-        pre = gates_x + _affine(self.weight_hh, state, self.bias_hh)
+    def pointwise(self, gates_x, gates_h, state):
+        pre = gates_x + gates_h
         return jnp.tanh(pre) if self.nonlinearity == "tanh" else jax.nn.relu(pre)
 
     def output(self, state):
         return state
 
 
-class GRUCell(AbstractCell):
+class GRUCell(AbstractAffineCell):
     """Gated recurrent unit, PyTorch's `nn.GRUCell`. Gates in the order r, z, n:
 
     ```
@@ -227,11 +254,7 @@ class GRUCell(AbstractCell):
     def init_state(self) -> Float[Array, " hidden"]:
         return jnp.zeros((self.hidden_size,), self.weight_hh.dtype)
 
-    def project_input(self, x):
-        return _affine(self.weight_ih, x, self.bias_ih)
-
-    def recur(self, gates_x, state):
-        gates_h = _affine(self.weight_hh, state, self.bias_hh)
+    def pointwise(self, gates_x, gates_h, state):
         x_r, x_z, x_n = jnp.split(gates_x, 3)
         h_r, h_z, h_n = jnp.split(gates_h, 3)
         r = jax.nn.sigmoid(x_r + h_r)
@@ -243,7 +266,7 @@ class GRUCell(AbstractCell):
         return state
 
 
-class LSTMCell(AbstractCell):
+class LSTMCell(AbstractAffineCell):
     """Long short-term memory, PyTorch's `nn.LSTM` step. Gates in the order i, f, g, o:
 
     ```
@@ -321,13 +344,9 @@ class LSTMCell(AbstractCell):
             jnp.zeros((self.hidden_size,), dtype),
         )
 
-    def project_input(self, x):
-        return _affine(self.weight_ih, x, self.bias_ih)
-
-    def recur(self, gates_x, state):
-        h, c = state
-        gates = gates_x + _affine(self.weight_hh, h, self.bias_hh)
-        i, f, g, o = jnp.split(gates, 4)
+    def pointwise(self, gates_x, gates_h, state):
+        _, c = state
+        i, f, g, o = jnp.split(gates_x + gates_h, 4)
         c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
         if self.weight_hr is not None:

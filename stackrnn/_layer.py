@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from ._cells import AbstractCell, State
+from ._fast import scan_fast, supports
 
 
 def scan_reference(
@@ -76,9 +77,23 @@ def scan_reference(
     return ys, final
 
 
-def run_layer(cell, xs, state, *, reverse=False, unroll=1, length=None, resets=None):
+def run_layer(
+    cell,
+    xs,
+    state,
+    *,
+    reverse=False,
+    unroll=1,
+    length=None,
+    resets=None,
+    fast=True,
+):
     """Runs one layer; the stack's only way to do so. Same contract as
-    `scan_reference`."""
+    `scan_reference`. With `fast=True` a cell that the fast path supports (see
+    `stackrnn._fast`) takes it, unless `length` or `resets` is given: those options
+    exist on the reference path only, which is then taken."""
+    if fast and length is None and resets is None and supports(cell):
+        return scan_fast(cell, xs, state, reverse=reverse, unroll=unroll)
     return scan_reference(
         cell, xs, state, reverse=reverse, unroll=unroll, length=length, resets=resets
     )

@@ -69,6 +69,12 @@ class StackedRNN(eqx.Module):
     - `reverse`: if `True`, a unidirectional stack reads time backwards: every layer
       starts at the last step, and outputs stay aligned with their inputs. Not
       allowed with `backward_cells`. (Keyword only argument.)
+    - `fast`: if `True` (default), layers of Elman, GRU and LSTM cells (without
+      `proj_size`) take the fast path: input projections hoisted out of the time
+      loop and weight gradients as single matrix products over all steps; calls with
+      `length` or `resets` take the reference path. `False` forces the reference
+      path, a plain `jax.lax.scan` of each cell. Both give the same numbers up to
+      float rounding. (Keyword only argument.)
     - `inference`: the default of `__call__`'s `inference`; switch a whole model with
       `eqx.nn.inference_mode`. (Keyword only argument.)
 
@@ -87,6 +93,7 @@ class StackedRNN(eqx.Module):
     dropout: float = eqx.field(static=True)
     unroll: int = eqx.field(static=True)
     reverse: bool = eqx.field(static=True)
+    fast: bool = eqx.field(static=True)
     inference: bool
 
     def __init__(
@@ -97,6 +104,7 @@ class StackedRNN(eqx.Module):
         dropout: float = 0.0,
         unroll: int = 1,
         reverse: bool = False,
+        fast: bool = True,
         inference: bool = False,
     ):
         cells = _check_cells("cells", cells)
@@ -143,6 +151,9 @@ class StackedRNN(eqx.Module):
         if not isinstance(reverse, bool):
             raise TypeError(f"`reverse` must be a bool, got {reverse!r}")
         self.reverse = reverse
+        if not isinstance(fast, bool):
+            raise TypeError(f"`fast` must be a bool, got {fast!r}")
+        self.fast = fast
         self.inference = inference
 
     @property
@@ -293,6 +304,7 @@ class StackedRNN(eqx.Module):
                     unroll=self.unroll,
                     length=length,
                     resets=resets,
+                    fast=self.fast,
                 )
                 ys.append(y)
                 finals.append(final)

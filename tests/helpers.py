@@ -1,11 +1,24 @@
+import contextlib
 import dataclasses
 
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hypothesis import settings
 
 import stackrnn
+
+
+@contextlib.contextmanager
+def x64(enabled: bool):
+    """JAX's 64-bit mode on or off inside the block, restored after it."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", enabled)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", before)
 
 
 def tree_allclose(x, y, *, rtol=1e-6, atol=1e-6) -> bool:
@@ -94,3 +107,9 @@ def inputs(cfg: Config, key, *, scale=1.0, batch=None):
     if batch is not None:
         shape = (batch, *shape)
     return scale * jax.random.normal(key, shape)
+
+
+def fewer():
+    """Half the active profile's examples, for the property tests that compile most
+    (each example compiles anew)."""
+    return settings(max_examples=max(1, settings.default.max_examples // 2))

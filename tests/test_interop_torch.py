@@ -1,7 +1,6 @@
 """PyTorch interop: `from_torch` reproduces `torch.nn.RNN/GRU/LSTM` outputs, final
 states and gradients; `to_torch` and `from_torch` are exact inverses."""
 
-import contextlib
 import dataclasses
 import importlib
 import subprocess
@@ -17,7 +16,7 @@ from hypothesis import given
 
 import stackrnn
 
-from .helpers import tree_equal
+from .helpers import tree_equal, x64
 
 
 torch = pytest.importorskip("torch")
@@ -36,17 +35,6 @@ TORCH_CLASS = {
 }
 # float32: the two libraries sum the same products in different orders.
 TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
-
-
-@contextlib.contextmanager
-def x64(enabled: bool):
-    """JAX's 64-bit mode on or off inside the block, restored after it."""
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", enabled)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", before)
 
 
 @dataclasses.dataclass(frozen=True)

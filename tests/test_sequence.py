@@ -7,11 +7,19 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import stackrnn
 
-from .helpers import configs, inputs, make_cell, make_cells, tree_allclose, tree_equal
+from .helpers import (
+    configs,
+    fewer,
+    inputs,
+    make_cell,
+    make_cells,
+    tree_allclose,
+    tree_equal,
+)
 
 
 DIRECTIONS = ("forward", "reverse", "bidirectional")
@@ -79,12 +87,11 @@ def _by_hand(stack, xs, state):
 
 # Each example compiles a stack and builds its reference by hand, so these tests run
 # half the examples of the active profile (ci: 4, thorough: 100).
-fewer = settings(max_examples=max(1, settings.default.max_examples // 2))
 directions = st.sampled_from(DIRECTIONS)
 seeds = st.integers(0, 2**16)
 
 
-@fewer
+@fewer()
 @given(cfg=configs(max_layers=2, max_time=5), seed=seeds)
 def test_bidirectional_equals_hand_built_directions(cfg, seed):
     kc, kx, ks = jr.split(jr.key(seed), 3)
@@ -106,7 +113,7 @@ def test_bidirectional_equals_hand_built_directions(cfg, seed):
     assert tree_allclose((ys, final), _by_hand(stack, xs, state), **TOL)
 
 
-@fewer
+@fewer()
 @given(cfg=configs(max_layers=3), seed=seeds)
 def test_reverse_equals_flipping_input_and_output(cfg, seed):
     kc, kx, ks = jr.split(jr.key(seed), 3)
@@ -121,7 +128,7 @@ def test_reverse_equals_flipping_input_and_output(cfg, seed):
     assert tree_allclose(final, final_flip, **TOL)
 
 
-@fewer
+@fewer()
 @given(
     cfg=configs(max_layers=2, max_time=5),
     direction=directions,
@@ -180,7 +187,7 @@ def _segments(resets):
     return list(zip(starts, starts[1:] + [len(resets)]))
 
 
-@fewer
+@fewer()
 @given(
     cfg=configs(max_layers=2, max_time=6),
     direction=directions,
@@ -226,7 +233,7 @@ def test_resets_equal_splitting_into_fresh_segments(cfg, direction, flags, seed)
         )
 
 
-@fewer
+@fewer()
 @given(
     cfg=configs(max_layers=2, max_time=6),
     direction=directions,
@@ -251,7 +258,7 @@ def test_resets_past_the_length_are_ignored(cfg, direction, length, flags, seed)
     assert tree_allclose(final, final_want, **TOL)
 
 
-@fewer
+@fewer()
 @given(
     cfg=configs(max_layers=3, max_time=5),
     reverse=st.booleans(),
@@ -292,7 +299,7 @@ def test_step_dropout(getkey):
     assert tree_equal(quiet_model.step(x, state), stack.step(x, state, inference=True))
 
 
-@fewer
+@fewer()
 @given(cfg=configs(max_layers=3, max_time=5), direction=directions, seed=seeds)
 def test_all_layers_equal_shallower_stacks(cfg, direction, seed):
     kc, kx, kd = jr.split(jr.key(seed), 3)
@@ -417,7 +424,7 @@ def test_bidirectional_state_layout(getkey):
     assert [s.shape for s in state] == [(6,), (6,), (4,), (4,)]
 
 
-@fewer
+@fewer()
 @given(
     cfg=configs(max_layers=2, max_time=6),
     direction=directions,

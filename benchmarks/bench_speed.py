@@ -1,0 +1,300 @@
+"""Speed of stacked RNNs: stackrnn's two paths against PyTorch and plain Equinox.
+
+Runs every implementation in ONE process, alternating them round by round, and reports
+the median of `--repeats` timed runs after warm-up, for the forward pass and for the
+forward and backward pass (gradient of the sum of squared outputs with respect to
+every parameter). Also measures this machine's float32 GEMM rate and reports each
+implementation's share of it.
+
+    python benchmarks/bench_speed.py                      # everything
+    python benchmarks/bench_speed.py --configs d2l --cells gru --repeats 7
+
+Needs torch (`pip install "stackrnn[torch]"`) for the PyTorch column.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import stackrnn
+
+
+# (input I, hidden H, layers L, batch B, time T)
+CONFIGS = {
+    "d2l": (28, 32, 2, 1024, 32),
+    "mid": (256, 256, 4, 64, 128),
+    "large": (1024, 1024, 2, 32, 64),
+    "deep": (128, 128, 8, 32, 256),
+}
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def flops(cell, config, backward):
+    """Matrix-product FLOPs of the stack; the backward pass does two more products
+    per forward product (input and weight gradients)."""
+    i, h, layers, b, t = config
+    g = GATES[cell] * h
+    forward = sum(2 * t * b * g * ((i if l == 0 else h) + h) for l in range(layers))
+    return 3 * forward if backward else forward
+
+
+def gemm_rate(repeats):
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    dot = jax.jit(jnp.dot)
+    times = _time(lambda: dot(a, a), repeats)
+    return 2 * n**3 / statistics.median(times)
+
+
+def _time(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(time.perf_counter() - start)
+    return out
+
+
+# --- implementations: each returns (forward, forward_backward) thunks ---------------
+
+
+def ours(cell, config, fast):
+    i, h, layers, b, t = config
+    make = {"rnn": stackrnn.RNN, "gru": stackrnn.GRU, "lstm": stackrnn.LSTM}[cell]
+    stack = make(i, h, layers, key=jax.random.key(0))
+    stack = stackrnn.StackedRNN(stack.cells, fast=fast)
+    xs = jax.random.normal(jax.random.key(1), (b, t, i))
+
+    def outputs(model, xs):
+        return jax.vmap(lambda x: model(x)[0])(xs)
+
+    forward = eqx.filter_jit(outputs)
+    grad = eqx.filter_jit(eqx.filter_grad(lambda m, xs: jnp.sum(outputs(m, xs) ** 2)))
+    return (lambda: forward(stack, xs)), (lambda: grad(stack, xs))
+
+
+def hand_batched(cell, config):
+    """An explicitly batched, time-major stack written by hand with `lax.scan` and
+    stackrnn's cells (per-step matrix products, autodiff backward): the explicit
+    batch that `jax.vmap` is compared to."""
+    i, h, layers, b, t = config
+    make = {"rnn": stackrnn.RNN, "gru": stackrnn.GRU, "lstm": stackrnn.LSTM}[cell]
+    stack = make(i, h, layers, key=jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (t, b, i))
+
+    def outputs(model, xs):
+        for c in model.cells:
+            state = jax.tree.map(
+                lambda s: jnp.broadcast_to(s, (b, *s.shape)), c.init_state()
+            )
+
+            def step(s, x, c=c):
+                gx = x @ c.weight_ih.T + c.bias_ih
+                gh = c.output(s) @ c.weight_hh.T + c.bias_hh
+                s = jax.vmap(c.pointwise)(gx, gh, s)
+                return s, c.output(s)
+
+            _, xs = jax.lax.scan(step, state, xs)
+        return xs
+
+    forward = eqx.filter_jit(outputs)
+    grad = eqx.filter_jit(eqx.filter_grad(lambda m, xs: jnp.sum(outputs(m, xs) ** 2)))
+    return (lambda: forward(stack, xs)), (lambda: grad(stack, xs))
+
+
+class _EqxElman(eqx.Module):
+    cell: eqx.nn.Linear
+    hidden: eqx.nn.Linear
+
+    def __call__(self, x, h):
+        return jnp.tanh(self.cell(x) + self.hidden(h))
+
+
+def plain_equinox(cell, config):
+    """Equinox's own cells (`eqx.nn.GRUCell`, `eqx.nn.LSTMCell`; Elman from two
+    `eqx.nn.Linear`), one `lax.scan` per layer, vmapped over the batch."""
+    i, h, layers, b, t = config
+    keys = jax.random.split(jax.random.key(0), layers)
+    cells = []
+    for l in range(layers):
+        size = i if l == 0 else h
+        if cell == "gru":
+            cells.append(eqx.nn.GRUCell(size, h, key=keys[l]))
+        elif cell == "lstm":
+            cells.append(eqx.nn.LSTMCell(size, h, key=keys[l]))
+        else:
+            k1, k2 = jax.random.split(keys[l])
+            cells.append(
+                _EqxElman(eqx.nn.Linear(size, h, key=k1), eqx.nn.Linear(h, h, key=k2))
+            )
+    xs = jax.random.normal(jax.random.key(1), (b, t, i))
+
+    def run(cells, x):
+        for c in cells:
+            init = (jnp.zeros(h), jnp.zeros(h)) if cell == "lstm" else jnp.zeros(h)
+
+            def step(s, x_t, c=c):
+                s = c(x_t, s)
+                return s, s[0] if cell == "lstm" else s
+
+            _, x = jax.lax.scan(step, init, x)
+        return x
+
+    def outputs(cells, xs):
+        return jax.vmap(lambda x: run(cells, x))(xs)
+
+    forward = eqx.filter_jit(outputs)
+    grad = eqx.filter_jit(eqx.filter_grad(lambda m, xs: jnp.sum(outputs(m, xs) ** 2)))
+    return (lambda: forward(cells, xs)), (lambda: grad(cells, xs))
+
+
+def pytorch(cell, config):
+    import torch
+
+    i, h, layers, b, t = config
+    make = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[cell]
+    module = make(i, h, layers)
+    xs = torch.randn(t, b, i)
+
+    def forward():
+        with torch.no_grad():
+            return module(xs)[0]
+
+    def forward_backward():
+        module.zero_grad()
+        out, _ = module(xs)
+        (out**2).sum().backward()
+
+    return forward, forward_backward
+
+
+IMPLEMENTATIONS = {
+    "torch": pytorch,
+    "equinox": plain_equinox,
+    "reference": lambda c, cfg: ours(c, cfg, fast=False),
+    "fast": lambda c, cfg: ours(c, cfg, fast=True),
+    "hand-batched": hand_batched,
+}
+
+
+def measure(cell, name, repeats, rate):
+    config = CONFIGS[name]
+    thunks = {impl: make(cell, config) for impl, make in IMPLEMENTATIONS.items()}
+    results = {impl: {"fwd": [], "fwd+bwd": []} for impl in thunks}
+    for impl, (fwd, fb) in thunks.items():  # warm up (compiles)
+        for fn in (fwd, fb):
+            for _ in range(2):
+                jax.block_until_ready(fn())
+    for _ in range(repeats):  # alternate implementations round by round
+        for impl, (fwd, fb) in thunks.items():
+            for mode, fn in (("fwd", fwd), ("fwd+bwd", fb)):
+                start = time.perf_counter()
+                jax.block_until_ready(fn())
+                results[impl][mode].append(time.perf_counter() - start)
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        medians = {i: statistics.median(r[mode]) for i, r in results.items()}
+        work = flops(cell, config, mode == "fwd+bwd")
+        rows.append(
+            dict(
+                config=name,
+                cell=cell,
+                mode=mode,
+                ms={i: 1e3 * m for i, m in medians.items()},
+                torch_over_fast=medians["torch"] / medians["fast"],
+                torch_over_reference=medians["torch"] / medians["reference"],
+                gemm_fraction={i: work / m / rate for i, m in medians.items()},
+            )
+        )
+    return rows
+
+
+def table(rows, rate):
+    impls = list(IMPLEMENTATIONS)
+    head = (
+        "| config | cell | pass | "
+        + " | ".join(f"{i} (ms)" for i in impls)
+        + " | torch / fast | torch / reference | fast: % of GEMM peak |"
+    )
+    lines = [head, "|" + " --- |" * (len(impls) + 6)]
+    for r in rows:
+        ms = " | ".join(f"{r['ms'][i]:.1f}" for i in impls)
+        lines.append(
+            f"| {r['config']} | {r['cell']} | {r['mode']} | {ms} | "
+            f"{r['torch_over_fast']:.2f} | {r['torch_over_reference']:.2f} | "
+            f"{100 * r['gemm_fraction']['fast']:.0f} |"
+        )
+    lines.append("")
+    lines.append(f"Measured float32 GEMM rate (2048x2048): {rate / 1e9:.1f} GFLOP/s")
+    return "\n".join(lines)
+
+
+def chart(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['config']}\n{r['cell']}\n{r['mode']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 4))
+    ax.bar(x - 0.2, [r["torch_over_fast"] for r in rows], 0.4, label="fast path")
+    ax.bar(
+        x + 0.2, [r["torch_over_reference"] for r in rows], 0.4, label="reference path"
+    )
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("torch time / stackrnn time (higher is faster)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS)
+    )
+    parser.add_argument(
+        "--cells", nargs="+", default=["rnn", "gru", "lstm"], choices=list(GATES)
+    )
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--chart", help="write a PNG chart to this path")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    import torch
+
+    rate = gemm_rate(args.repeats)
+    print(
+        f"# {platform.processor() or platform.machine()}, jax {jax.__version__}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"{args.repeats} timed runs per cell of the table"
+    )
+    rows = []
+    for name in args.configs:
+        for cell in args.cells:
+            rows.extend(measure(cell, name, args.repeats, rate))
+            print(table(rows[-2:], rate).split("\n\n")[0], flush=True)
+    print()
+    print(table(rows, rate))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(gemm_flops_per_s=rate, rows=rows), f, indent=1)
+    if args.chart:
+        chart(rows, args.chart)
+
+
+if __name__ == "__main__":
+    main()

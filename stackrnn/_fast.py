@@ -1,0 +1,159 @@
+"""The fast path of a layer: hoisted projections and a hand-written backward pass.
+
+For a cell whose step is `pointwise(W_ih x_t + b_ih, W_hh h_{t-1} + b_hh, s_{t-1})`
+(an [`stackrnn.AbstractAffineCell`][] with no other parameters):
+
+- forward: `GX = X W_ih^T + b_ih` for all steps as one matrix product; the time loop
+  does only `W_hh h_{t-1}` and the elementwise update;
+- backward: a reverse scan computes the gradients of the gate pre-activations,
+  `dGX_t` and `dGH_t`, and nothing else; the weight and bias gradients are then single
+  matrix products over all time steps, `dW_ih = dGX^T X`, `dW_hh = dGH^T H_prev`.
+
+Batching. The weight gradients are not written inside a `custom_vjp` backward: a
+backward pass cannot know whether it runs under `jax.vmap` for per-example gradients
+(`vmap(grad(f))`, where each example must get its own) or inside a batched loss
+(`grad(vmap(f))`, where JAX sums them). Instead the reverse scan returns `dGH`, and the
+recurrent projection carries a `custom_jvp` whose tangent is linear in `W_hh`
+(`H_prev dW_hh^T + db_hh`): JAX transposes and batches that tangent itself, so under
+`grad(vmap(f))` the weight gradient is one matrix product contracting batch and time,
+with no per-example weight gradients, and under `vmap(grad(f))` it stays per example.
+"""
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ._cells import AbstractAffineCell
+
+
+def _affine_fields(cell):
+    return (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+
+
+def supports(cell) -> bool:
+    """Whether `cell` runs on the fast path: an affine cell whose only parameters are
+    `weight_ih`, `weight_hh`, `bias_ih` and `bias_hh` (an LSTM with `proj_size` has
+    `weight_hr` too, and takes the reference path)."""
+    if not isinstance(cell, AbstractAffineCell):
+        return False
+    rest = eqx.tree_at(
+        _affine_fields, cell, replace=(None,) * 4, is_leaf=lambda x: x is None
+    )
+    return not jax.tree.leaves(eqx.filter(rest, eqx.is_array))
+
+
+def _affine(weight, xs, bias):
+    # `xs @ weight.T`: one matrix product over every row of `xs`.
+    ys = xs @ weight.T
+    return ys if bias is None else ys + bias
+
+
+def _run(cell, xs, state, unroll):
+    """The forward recurrence, for values only (its inputs carry no gradient). Also
+    returns the output read by every step (`h_prev`), both projections, and the
+    backward function of every elementwise update, for the reverse scan."""
+
+    def step(s, x):
+        h_prev = cell.output(s)
+        gx = _affine(cell.weight_ih, x, cell.bias_ih)
+        gh = _affine(cell.weight_hh, h_prev, cell.bias_hh)
+        new = cell.pointwise(gx, gh, s)
+        return new, (new, s, h_prev, gx, gh)
+
+    _, out = jax.lax.scan(step, state, xs, unroll=unroll)
+    return out
+
+
+@jax.custom_jvp
+def _projection(value, inputs, weight, bias):
+    """Returns `value`, already computed as `inputs @ weight.T + bias`; its derivative
+    is that of the affine map in `inputs`, `weight` and `bias`. (For the recurrent
+    projection `inputs` enters without gradient: the reverse scan accounts for it.)"""
+    del inputs, weight, bias
+    return value
+
+
+def _projection_jvp(primals, tangents):
+    value, inputs, weight, bias = primals
+    _, d_inputs, d_weight, d_bias = tangents
+    # Linear in the tangents, so JAX transposes it into single matrix products over
+    # all steps (and, under `vmap`, all examples). Symbolic zeros skip their product:
+    # the recurrent projection's `inputs` never has a tangent.
+    terms = []
+    if not _is_zero(d_inputs):
+        terms.append(d_inputs @ weight.T)
+    if not _is_zero(d_weight):
+        terms.append(inputs @ d_weight.T)
+    if bias is not None and not _is_zero(d_bias):
+        terms.append(jnp.broadcast_to(d_bias, value.shape))
+    return value, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(value)
+
+
+def _is_zero(tangent):
+    return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
+
+
+_projection.defjvp(_projection_jvp, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _recurrence(cell, gates_x, gates_h, states, prev, state0, unroll):
+    """Returns `states` (computed by `_run`). Its backward pass is the reverse scan:
+    cotangents of the states in, cotangents of `gates_x`, `gates_h` and `state0`
+    out. `cell`, `states` and `prev` (the state before each step) enter without
+    gradient."""
+    del cell, gates_x, gates_h, prev, state0, unroll
+    return states
+
+
+def _recurrence_fwd(cell, gates_x, gates_h, states, prev, state0, unroll):
+    del unroll
+    return states, (cell, gates_x, gates_h, states, prev, state0)
+
+
+def _recurrence_bwd(unroll, residuals, d_states):
+    cell, gates_x, gates_h, states, prev, state0 = residuals
+    # s_{t-1} also fed gates_h through h_{t-1} = output(s_{t-1}); `output` selects
+    # part of the state, a linear map, so its backward function is the same at
+    # every step.
+    _, output_vjp = jax.vjp(cell.output, state0)
+
+    def step(carry, inputs):
+        d_state, gx, gh, s_prev = inputs
+        d_state = jax.tree.map(jnp.add, d_state, carry)
+        _, pointwise_vjp = jax.vjp(cell.pointwise, gx, gh, s_prev)
+        d_gx, d_gh, d_prev = pointwise_vjp(d_state)
+        (d_prev_from_h,) = output_vjp(d_gh @ cell.weight_hh)
+        carry = jax.tree.map(jnp.add, d_prev, d_prev_from_h)
+        return carry, (d_gx, d_gh)
+
+    zeros = jax.tree.map(jnp.zeros_like, state0)
+    d_state0, (d_gates_x, d_gates_h) = jax.lax.scan(
+        step, zeros, (d_states, gates_x, gates_h, prev), reverse=True, unroll=unroll
+    )
+    no_gradient = jax.tree.map(jnp.zeros_like, (cell, states, prev))
+    d_cell, d_states_in, d_prev_in = no_gradient
+    return d_cell, d_gates_x, d_gates_h, d_states_in, d_prev_in, d_state0
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def scan_fast(cell, xs, state, *, reverse=False, unroll=1):
+    """Same contract as `scan_reference` (without `length` and `resets`), for a cell
+    that `supports`."""
+    if reverse:
+        ys, final = scan_fast(cell, xs[::-1], state, unroll=unroll)
+        return ys[::-1], final
+    stop = jax.lax.stop_gradient
+    fixed = stop(cell)
+    states, prev, h_prev, gates_x, gates_h = _run(
+        fixed, stop(xs), stop(state), unroll
+    )
+    gates_x = _projection(gates_x, xs, cell.weight_ih, cell.bias_ih)
+    gates_h = _projection(gates_h, h_prev, cell.weight_hh, cell.bias_hh)
+    states = _recurrence(fixed, gates_x, gates_h, states, prev, state, unroll)
+    ys = jax.vmap(cell.output)(states)
+    return ys, jax.tree.map(lambda s: s[-1], states)
