@@ -41,7 +41,7 @@ def flops(cell, config, backward):
     per forward product (input and weight gradients)."""
     i, h, layers, b, t = config
     g = GATES[cell] * h
-    forward = sum(2 * t * b * g * ((i if l == 0 else h) + h) for l in range(layers))
+    forward = sum(2 * t * b * g * ((i if n == 0 else h) + h) for n in range(layers))
     return 3 * forward if backward else forward
 
 
@@ -125,14 +125,14 @@ def plain_equinox(cell, config):
     i, h, layers, b, t = config
     keys = jax.random.split(jax.random.key(0), layers)
     cells = []
-    for l in range(layers):
-        size = i if l == 0 else h
+    for n in range(layers):
+        size = i if n == 0 else h
         if cell == "gru":
-            cells.append(eqx.nn.GRUCell(size, h, key=keys[l]))
+            cells.append(eqx.nn.GRUCell(size, h, key=keys[n]))
         elif cell == "lstm":
-            cells.append(eqx.nn.LSTMCell(size, h, key=keys[l]))
+            cells.append(eqx.nn.LSTMCell(size, h, key=keys[n]))
         else:
-            k1, k2 = jax.random.split(keys[l])
+            k1, k2 = jax.random.split(keys[n])
             cells.append(
                 _EqxElman(eqx.nn.Linear(size, h, key=k1), eqx.nn.Linear(h, h, key=k2))
             )
@@ -286,8 +286,7 @@ def main():
     for name in args.configs:
         for cell in args.cells:
             rows.extend(measure(cell, name, args.repeats, rate))
-            print(table(rows[-2:], rate).split("\n\n")[0], flush=True)
-    print()
+            print(f"measured {name} {cell}", flush=True)
     print(table(rows, rate))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,22 +1,28 @@
-"""The fast path of a layer: hoisted projections and a hand-written backward pass.
+"""The fast path of a layer: a hand-written backward pass.
 
 For a cell whose step is `pointwise(W_ih x_t + b_ih, W_hh h_{t-1} + b_hh, s_{t-1})`
 (an [`stackrnn.AbstractAffineCell`][] with no other parameters):
 
-- forward: `GX = X W_ih^T + b_ih` for all steps as one matrix product; the time loop
-  does only `W_hh h_{t-1}` and the elementwise update;
+- forward: the time loop, as the reference path runs it, also keeping each step's
+  projections `gx_t`, `gh_t` and previous state for the backward pass. (Computing
+  `X W_ih^T` for all steps as one product before the loop measured slower on XLA:CPU:
+  reading the per-step slices of that buffer inside the loop cost more than the
+  small per-step products it saves.)
 - backward: a reverse scan computes the gradients of the gate pre-activations,
-  `dGX_t` and `dGH_t`, and nothing else; the weight and bias gradients are then single
-  matrix products over all time steps, `dW_ih = dGX^T X`, `dW_hh = dGH^T H_prev`.
+  `dGX_t` and `dGH_t`, and the state gradient, nothing else; the weight and bias
+  gradients are then single matrix products over all time steps and examples,
+  `dW_ih = dGX^T X`, `dW_hh = dGH^T H_prev`, and so is `dX = dGX W_ih`.
 
 Batching. The weight gradients are not written inside a `custom_vjp` backward: a
 backward pass cannot know whether it runs under `jax.vmap` for per-example gradients
 (`vmap(grad(f))`, where each example must get its own) or inside a batched loss
-(`grad(vmap(f))`, where JAX sums them). Instead the reverse scan returns `dGH`, and the
-recurrent projection carries a `custom_jvp` whose tangent is linear in `W_hh`
-(`H_prev dW_hh^T + db_hh`): JAX transposes and batches that tangent itself, so under
-`grad(vmap(f))` the weight gradient is one matrix product contracting batch and time,
-with no per-example weight gradients, and under `vmap(grad(f))` it stays per example.
+(`grad(vmap(f))`, where JAX sums them): a `custom_vmap` rule that sums them is wrong
+for the first, and one that does not materialises a weight gradient per example for
+the second. Instead the reverse scan returns `dGX` and `dGH`, and both projections
+carry a `custom_jvp` whose tangent is linear in the weights (`X dW_ih^T + db_ih`,
+`H_prev dW_hh^T + db_hh`): JAX transposes and batches that tangent itself, so under
+`grad(vmap(f))` each weight gradient is one matrix product contracting batch and time,
+and under `vmap(grad(f))` it stays per example.
 """
 
 import functools
@@ -149,9 +155,7 @@ def scan_fast(cell, xs, state, *, reverse=False, unroll=1):
         return ys[::-1], final
     stop = jax.lax.stop_gradient
     fixed = stop(cell)
-    states, prev, h_prev, gates_x, gates_h = _run(
-        fixed, stop(xs), stop(state), unroll
-    )
+    states, prev, h_prev, gates_x, gates_h = _run(fixed, stop(xs), stop(state), unroll)
     gates_x = _projection(gates_x, xs, cell.weight_ih, cell.bias_ih)
     gates_h = _projection(gates_h, h_prev, cell.weight_hh, cell.bias_hh)
     states = _recurrence(fixed, gates_x, gates_h, states, prev, state, unroll)

@@ -13,6 +13,12 @@ from ._cells import AbstractCell, State
 from ._fast import scan_fast, supports
 
 
+# Below this width the reference path's backward pass (per-step weight-gradient
+# products, fewer stored arrays) measured faster on CPU than the fast path's
+# (docs/benchmarks.md); from it on, single products over all steps win.
+FAST_MIN_HIDDEN = 512
+
+
 def scan_reference(
     cell: AbstractCell,
     xs: Float[Array, "time input"],
@@ -86,12 +92,15 @@ def run_layer(
     unroll=1,
     length=None,
     resets=None,
-    fast=True,
+    fast=None,
 ):
     """Runs one layer; the stack's only way to do so. Same contract as
     `scan_reference`. With `fast=True` a cell that the fast path supports (see
     `stackrnn._fast`) takes it, unless `length` or `resets` is given: those options
-    exist on the reference path only, which is then taken."""
+    exist on the reference path only, which is then taken. `fast=None` decides by
+    width: the fast path for `hidden_size >= FAST_MIN_HIDDEN`."""
+    if fast is None:
+        fast = cell.hidden_size >= FAST_MIN_HIDDEN
     if fast and length is None and resets is None and supports(cell):
         return scan_fast(cell, xs, state, reverse=reverse, unroll=unroll)
     return scan_reference(

@@ -69,12 +69,14 @@ class StackedRNN(eqx.Module):
     - `reverse`: if `True`, a unidirectional stack reads time backwards: every layer
       starts at the last step, and outputs stay aligned with their inputs. Not
       allowed with `backward_cells`. (Keyword only argument.)
-    - `fast`: if `True` (default), layers of Elman, GRU and LSTM cells (without
-      `proj_size`) take the fast path: input projections hoisted out of the time
-      loop and weight gradients as single matrix products over all steps; calls with
-      `length` or `resets` take the reference path. `False` forces the reference
-      path, a plain `jax.lax.scan` of each cell. Both give the same numbers up to
-      float rounding. (Keyword only argument.)
+    - `fast`: which path each layer takes. `True`: layers of Elman, GRU and LSTM
+      cells (without `proj_size`) take the fast path, a hand-written backward pass
+      whose weight gradients are single matrix products over all steps and
+      examples; calls with `length` or `resets` take the reference path. `False`:
+      the reference path, a plain `jax.lax.scan` of each cell differentiated by
+      JAX. `None` (default): the fast path for layers of `hidden_size >= 512`,
+      where it measured faster on CPU (see the benchmarks page). Both paths give the
+      same numbers up to float rounding. (Keyword only argument.)
     - `inference`: the default of `__call__`'s `inference`; switch a whole model with
       `eqx.nn.inference_mode`. (Keyword only argument.)
 
@@ -93,7 +95,7 @@ class StackedRNN(eqx.Module):
     dropout: float = eqx.field(static=True)
     unroll: int = eqx.field(static=True)
     reverse: bool = eqx.field(static=True)
-    fast: bool = eqx.field(static=True)
+    fast: bool | None = eqx.field(static=True)
     inference: bool
 
     def __init__(
@@ -104,7 +106,7 @@ class StackedRNN(eqx.Module):
         dropout: float = 0.0,
         unroll: int = 1,
         reverse: bool = False,
-        fast: bool = True,
+        fast: bool | None = None,
         inference: bool = False,
     ):
         cells = _check_cells("cells", cells)
@@ -151,8 +153,8 @@ class StackedRNN(eqx.Module):
         if not isinstance(reverse, bool):
             raise TypeError(f"`reverse` must be a bool, got {reverse!r}")
         self.reverse = reverse
-        if not isinstance(fast, bool):
-            raise TypeError(f"`fast` must be a bool, got {fast!r}")
+        if fast is not None and not isinstance(fast, bool):
+            raise TypeError(f"`fast` must be True, False or None, got {fast!r}")
         self.fast = fast
         self.inference = inference
 
