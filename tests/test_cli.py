@@ -133,3 +133,20 @@ def test_generate_needs_a_train_checkpoint(tmp_path, capsys):
     )
     assert run("generate", "--checkpoint", tmp_path) == 2
     assert "it was not written by `stackrnn train`" in capsys.readouterr().err
+
+
+def test_train_devices(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        run("train", "--data", text_file, "--out", out, *SMALL, "--devices", "1") == 0
+    )
+    assert "epoch 2: train ppl" in capsys.readouterr().out
+    assert (
+        "devices"
+        not in json.loads((out / "checkpoint.json").read_text())["hyperparameters"]
+    )
+    assert (
+        run("train", "--data", text_file, "--out", tmp_path / "b", "--devices", "99")
+        == 2
+    )
+    assert "`devices` (=99) must be at most" in capsys.readouterr().err
