@@ -76,9 +76,10 @@ def _batches(order: Int[Array, " n"], batch_size: int, dtype, multiple: int = 1)
     order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
     mask = (jnp.arange(num_batches * batch_size) < n).astype(dtype)
     order, mask = order.reshape(num_batches, -1), mask.reshape(num_batches, -1)
-    width = -(-batch_size // multiple) * multiple
-    columns = ((0, 0), (0, width - batch_size))
-    return jnp.pad(order, columns), jnp.pad(mask, columns)
+    if batch_size % multiple:
+        columns = ((0, 0), (0, multiple - batch_size % multiple))
+        order, mask = jnp.pad(order, columns), jnp.pad(mask, columns)
+    return order, mask
 
 
 def _batch_loss(model, x, y, mask, key, inference, num_keys=None):
@@ -88,8 +89,9 @@ def _batch_loss(model, x, y, mask, key, inference, num_keys=None):
     The dropout keys are `split(key, num_keys)` (default: one per window), repeated
     over windows beyond `num_keys`: a batch padded for several devices draws the
     masks of the unpadded one."""
-    num_keys = x.shape[0] if num_keys is None else num_keys
-    keys = jax.random.split(key, num_keys)[jnp.arange(x.shape[0]) % num_keys]
+    keys = jax.random.split(key, num_keys or x.shape[0])
+    if keys.shape[0] < x.shape[0]:
+        keys = keys[jnp.arange(x.shape[0]) % keys.shape[0]]
     losses = jax.vmap(
         lambda x, y, k: sequence_loss(model, x, y, key=k, inference=inference)
     )(x, y, keys)
