@@ -46,6 +46,7 @@ def test_hypothesis_is_optional():
     assert "install the `testing` extra" in out and "stackrnn[testing]" in out
 
 
+@settings(max_examples=4)
 @given(data=st.data())
 def test_strategies_draw_valid_inputs(data):
     stack = data.draw(stacks(KEY, max_layers=2))
