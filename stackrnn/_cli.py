@@ -108,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     add("--num-train", type=_count(1), help="training windows (10000)")
     add("--num-val", type=_count(1), help="validation windows (5000)")
     add("--seed", type=_count(0), help="random seed (0)")
+    add(
+        "--devices",
+        type=_count(1),
+        default=None,
+        help="train data-parallel on this many devices (default: all)",
+    )
     add("--quiet", action="store_true", default=False, help="no progress bar")
 
     gen = commands.add_parser("generate", help="generate text from a trained model")
@@ -156,6 +162,8 @@ def _new_state(hp: dict, vocab_size: int, key):
 
 def _train(args: dict) -> None:
     out, resume, quiet = args.pop("out"), args.pop("resume"), args.pop("quiet")
+    # Not a hyper-parameter: a run may resume on other devices.
+    devices = args.pop("devices")
     if resume:
         saved = Checkpoint.read(out)
         for name, value in args.items():
@@ -218,6 +226,7 @@ def _train(args: dict) -> None:
         history=history,
         on_epoch=save,
         progress=not quiet,
+        devices=devices,
     )
     if len(history) == start:
         print(f"the run in {out!r} already has {start} epochs; raise --epochs")

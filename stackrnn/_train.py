@@ -4,6 +4,11 @@ An epoch is a single `eqx.filter_jit` call that shuffles the training windows, s
 the optimiser step over all batches (each batch `jax.vmap`s the model over its
 windows), then scans the validation windows. Python runs once per epoch, never per
 batch, so small models are not dominated by dispatch overhead.
+
+With several devices the same call runs data-parallel: a `jax.sharding.Mesh` over
+the batch axis splits every batch between the devices, parameters and optimiser
+state are replicated, and XLA inserts the reduction of the gradients (GSPMD). The
+arithmetic is the single-device run's up to the order of the sums.
 """
 
 import dataclasses
@@ -15,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
@@ -59,21 +65,33 @@ class History:
         return len(self.train_ppl)
 
 
-def _batches(order: Int[Array, " n"], batch_size: int, dtype):
+def _batches(order: Int[Array, " n"], batch_size: int, dtype, multiple: int = 1):
     """Splits `order` into batches of `batch_size`, the last one padded with window
-    0; the mask is 1 for real windows and 0 for padding."""
+    0, and every batch padded with window 0 to a multiple of `multiple` (the number
+    of devices it is split between); the mask is 1 for real windows and 0 for
+    padding."""
     n = order.shape[0]
     num_batches = -(-n // batch_size)
     pad = num_batches * batch_size - n
     order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
     mask = (jnp.arange(num_batches * batch_size) < n).astype(dtype)
-    return order.reshape(num_batches, -1), mask.reshape(num_batches, -1)
+    order, mask = order.reshape(num_batches, -1), mask.reshape(num_batches, -1)
+    if batch_size % multiple:
+        columns = ((0, 0), (0, multiple - batch_size % multiple))
+        order, mask = jnp.pad(order, columns), jnp.pad(mask, columns)
+    return order, mask
 
 
-def _batch_loss(model, x, y, mask, key, inference):
+def _batch_loss(model, x, y, mask, key, inference, num_keys=None):
     """Mean loss over the real windows of a batch: padded windows weigh nothing, so a
-    short last batch is exactly the mean over its windows, as d2l's `DataLoader`."""
-    keys = jax.random.split(key, x.shape[0])
+    short last batch is exactly the mean over its windows, as d2l's `DataLoader`.
+
+    The dropout keys are `split(key, num_keys)` (default: one per window), repeated
+    over windows beyond `num_keys`: a batch padded for several devices draws the
+    masks of the unpadded one."""
+    keys = jax.random.split(key, num_keys or x.shape[0])
+    if keys.shape[0] < x.shape[0]:
+        keys = keys[jnp.arange(x.shape[0]) % keys.shape[0]]
     losses = jax.vmap(
         lambda x, y, k: sequence_loss(model, x, y, key=k, inference=inference)
     )(x, y, keys)
@@ -88,22 +106,31 @@ def _epoch(
     key: PRNGKeyArray,
     optimizer: optax.GradientTransformation,
     batch_size: int,
+    mesh: Mesh | None = None,
 ) -> tuple[RNNLM, PyTree, Float[Array, ""], Float[Array, ""]]:
     train_x, train_y, val_x, val_y = data
     dtype = model.weight.dtype
+    devices = 1 if mesh is None else mesh.size
+
+    def split(*arrays):
+        # Each device takes its slice of the batch; the rest follows by propagation.
+        if mesh is None:
+            return arrays
+        sharding = NamedSharding(mesh, PartitionSpec("batch"))
+        return tuple(jax.lax.with_sharding_constraint(a, sharding) for a in arrays)
+
     perm_key, step_key = jax.random.split(key)
     order, mask = _batches(
-        jax.random.permutation(perm_key, train_x.shape[0]), batch_size, dtype
+        jax.random.permutation(perm_key, train_x.shape[0]), batch_size, dtype, devices
     )
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
     def step(carry, batch):
         params, opt_state = carry
         idx, m, k = batch
+        x, y, m = split(train_x[idx], train_y[idx], m)
         loss, grads = jax.value_and_grad(
-            lambda p: _batch_loss(
-                eqx.combine(p, static), train_x[idx], train_y[idx], m, k, False
-            )
+            lambda p: _batch_loss(eqx.combine(p, static), x, y, m, k, False, batch_size)
         )(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (eqx.apply_updates(params, updates), opt_state), loss * jnp.sum(m)
@@ -117,10 +144,13 @@ def _epoch(
 
     def evaluate(total, batch):
         idx, m = batch
-        loss = _batch_loss(model, val_x[idx], val_y[idx], m, key, True)
+        x, y, m = split(val_x[idx], val_y[idx], m)
+        loss = _batch_loss(model, x, y, m, key, True)
         return total + loss * jnp.sum(m), None
 
-    val_order, val_mask = _batches(jnp.arange(val_x.shape[0]), batch_size, dtype)
+    val_order, val_mask = _batches(
+        jnp.arange(val_x.shape[0]), batch_size, dtype, devices
+    )
     val_total, _ = jax.lax.scan(evaluate, jnp.zeros((), dtype), (val_order, val_mask))
     return model, opt_state, train_loss, val_total / val_x.shape[0]
 
@@ -137,6 +167,7 @@ def fit(
     history: History | None = None,
     on_epoch: Callable[[RNNLM, PyTree, History], None] | None = None,
     progress: bool = True,
+    devices: int | None = None,
 ) -> tuple[RNNLM, PyTree, History]:
     """Trains a language model for `epochs` epochs, or continues a run up to them.
 
@@ -166,6 +197,12 @@ def fit(
       e.g. to save a checkpoint. (Keyword only argument.)
     - `progress`: show a progress bar with epoch, perplexities and tokens/s.
       (Keyword only argument.)
+    - `devices`: train data-parallel on the first `devices` of `jax.devices()`
+      (every process's devices after `jax.distributed.initialize()`): each batch
+      is split between them, padded with masked windows to a multiple of
+      `devices`, the parameters are replicated and XLA sums the gradients. Default:
+      all devices. The result is the one-device run's up to rounding (the sums
+      are taken in another order). (Keyword only argument.)
 
     **Returns:**
 
@@ -173,15 +210,18 @@ def fit(
     """
     check_size("epochs", epochs, minimum=0)
     check_size("batch_size", batch_size)
+    mesh = _mesh(devices)
     if optimizer is None:
         optimizer = default_optimizer()
     if opt_state is None:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     # A copy: the caller's history stays as it was.
     history = History() if history is None else History(*dataclasses.astuple(history))
-    arrays = tuple(
-        jnp.asarray(a) for a in (data.train_x, data.train_y, data.val_x, data.val_y)
-    )
+    arrays = (data.train_x, data.train_y, data.val_x, data.val_y)
+    if mesh is None:
+        arrays = tuple(jnp.asarray(a) for a in arrays)
+    else:
+        model, opt_state, arrays = _replicate((model, opt_state, arrays), mesh)
     train_tokens = data.train_x.size
     bar = tqdm(total=epochs, initial=len(history), unit="epoch", disable=not progress)
     with bar:
@@ -194,6 +234,7 @@ def fit(
                 jax.random.fold_in(key, epoch),
                 optimizer,
                 batch_size,
+                mesh,
             )
             train_ppl, val_ppl = np.exp(float(train_loss)), np.exp(float(val_loss))
             seconds = time.perf_counter() - start
@@ -209,6 +250,38 @@ def fit(
             if on_epoch is not None:
                 on_epoch(model, opt_state, history)
     return model, opt_state, history
+
+
+def _mesh(devices: int | None) -> Mesh | None:
+    """A mesh over the first `devices` devices with one axis, `batch`; `None` for a
+    single device, which then runs without any sharding."""
+    available = jax.device_count()
+    if devices is None:
+        devices = available
+    check_size("devices", devices)
+    if devices > available:
+        raise ValueError(
+            f"`devices` (={devices}) must be at most the number of devices "
+            f"(={available}: {jax.devices()})"
+        )
+    if devices == 1:
+        return None
+    return Mesh(np.asarray(jax.devices()[:devices]), ("batch",))
+
+
+def _replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Every array of `tree` copied whole onto each device of `mesh`. Built from
+    each process's own copy, so every process of a multi-host run must pass the same
+    values (as it does when each runs the same script with the same seed)."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def put(x):
+        if not eqx.is_array_like(x) or isinstance(x, (bool, int, float)):
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+    return jax.tree.map(put, tree)
 
 
 def plot_history(history: History, path) -> None:

@@ -133,3 +133,15 @@ def test_generate_needs_a_train_checkpoint(tmp_path, capsys):
     )
     assert run("generate", "--checkpoint", tmp_path) == 2
     assert "it was not written by `stackrnn train`" in capsys.readouterr().err
+
+
+def test_train_devices(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", text_file, *SMALL]
+    assert run(*args, "--out", out, "--devices", "1") == 0
+    assert "epoch 2: train ppl" in capsys.readouterr().out
+    # Not a hyper-parameter: a run may resume on another number of devices.
+    meta = json.loads((out / "checkpoint.json").read_text())
+    assert "devices" not in meta["hyperparameters"]
+    assert run(*args, "--out", tmp_path / "b", "--devices", "99") == 2
+    assert "`devices` (=99) must be at most" in capsys.readouterr().err

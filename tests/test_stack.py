@@ -3,14 +3,22 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import stackrnn
 from stackrnn._dropout import dropout
+from stackrnn.testing import (
+    check_finite_clipped_grads,
+    check_jit_consistent,
+    check_vmap_consistent,
+    Config,
+    configs,
+    inputs,
+    make_cells,
+)
 
-from .helpers import configs, inputs, make_cells, tree_allclose, tree_equal
+from .helpers import tree_allclose, tree_equal
 
 
 def _scan_by_hand(cell, xs, state):
@@ -88,27 +96,17 @@ def test_miswired_stack_is_caught(getkey):
     seed=st.integers(0, 2**16),
 )
 def test_clipped_gradients_are_finite_and_bounded(kind, depth, scale, seed):
-    from .helpers import Config
-
     cfg = Config(kind=kind, input_size=3, widths=(4,) * depth, bias=True, time=5)
     kc, kx, ky = jr.split(jr.key(seed), 3)
     stack = stackrnn.StackedRNN(make_cells(cfg, kc))
     xs = inputs(cfg, kx, scale=scale)
     target = jr.normal(ky, (cfg.time, stack.output_size))
 
-    @eqx.filter_jit
-    @eqx.filter_grad
-    def grad(model, xs):
+    def loss(model, xs):
         ys, _ = model(xs)
         return jnp.mean((ys - target) ** 2)
 
-    grads = grad(stack, xs)
-    threshold = 1.0
-    clip = optax.clip_by_global_norm(threshold)
-    clipped, _ = clip.update(grads, clip.init(grads))
-    leaves = jax.tree.leaves(clipped)
-    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-    assert float(optax.tree.norm(clipped)) <= threshold * (1 + 1e-5)
+    check_finite_clipped_grads(stack, loss, xs, max_norm=1.0)
 
 
 @given(cfg=configs(max_layers=3, max_time=5), seed=st.integers(0, 2**16))
@@ -116,13 +114,8 @@ def test_jit_and_vmap_match_eager_per_example(cfg, seed):
     kc, kx = jr.split(jr.key(seed))
     stack = stackrnn.StackedRNN(make_cells(cfg, kc))
     xs = inputs(cfg, kx, batch=3)
-    ys, final = jax.jit(jax.vmap(stack))(xs)
-    for b in range(3):
-        ys_b, final_b = stack(xs[b])
-        assert tree_allclose(ys[b], ys_b, rtol=1e-5, atol=1e-6)
-        assert tree_allclose(
-            jax.tree.map(lambda s: s[b], final), final_b, rtol=1e-5, atol=1e-6
-        )
+    check_vmap_consistent(eqx.filter_jit(stack), xs)
+    check_jit_consistent(stack, xs[0])
 
 
 @given(cfg=configs(max_layers=3, same_width=True), seed=st.integers(0, 2**16))
@@ -251,8 +244,6 @@ def test_equinox_transforms_and_serialisation(getkey, tmp_path):
 
 @pytest.mark.parametrize("kind", ["rnn_tanh", "gru", "lstm_proj"])
 def test_initial_state_is_used(kind, getkey):
-    from .helpers import Config
-
     cfg = Config(kind=kind, input_size=2, widths=(4, 4), bias=True, time=3)
     stack = stackrnn.StackedRNN(make_cells(cfg, getkey()))
     xs = inputs(cfg, getkey())

@@ -1,4 +1,6 @@
 import dataclasses
+import subprocess
+import sys
 
 import equinox as eqx
 import jax
@@ -191,3 +193,59 @@ def test_bad_arguments(data, getkey):
     model = tiny_model(data, getkey())
     with pytest.raises(ValueError, match="`batch_size` must be an integer >= 1"):
         stackrnn.fit(model, data, epochs=1, key=getkey(), batch_size=0)
+
+
+# Run in a fresh interpreter: the device count is fixed when JAX starts.
+_DATA_PARALLEL = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import equinox as eqx, jax, numpy as np, stackrnn
+from stackrnn._train import _epoch, _mesh
+
+assert jax.device_count() == 4
+text = "the time traveller for so it will be convenient to speak of him " * 4
+data = stackrnn.CharData.from_text(text, num_steps=8, num_train=150, num_val=40)
+k1, k2 = jax.random.split(jax.random.key(0))
+rnn = stackrnn.GRU(len(data.vocab), 16, 2, dropout=0.3, key=k1)
+model = stackrnn.RNNLM(rnn, len(data.vocab), key=k2)
+# 30 windows a batch: padded to 32 with masked windows, 8 a device.
+for batch_size in (30,):
+    one, four = (
+        stackrnn.fit(model, data, epochs=2, key=jax.random.key(1),
+                     batch_size=batch_size, progress=False, devices=d)
+        for d in (1, 4)
+    )
+    for field in ("train_ppl", "val_ppl"):
+        np.testing.assert_allclose(
+            np.log(getattr(four[2], field)), np.log(getattr(one[2], field)),
+            rtol=1e-6, atol=1e-6,
+        )
+    leaves = [jax.tree.leaves(eqx.filter(r[:2], eqx.is_array)) for r in (one, four)]
+    for a, b in zip(*leaves):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
+        assert len(b.sharding.device_set) == 4 and b.sharding.is_fully_replicated
+# The batch is split, not copied: the compiled epoch sums gradients across devices.
+arrays = tuple(jax.numpy.asarray(a) for a in (data.train_x, data.train_y,
+               data.val_x, data.val_y))
+opt = stackrnn.default_optimizer()
+state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+lowered = _epoch.lower(model, state, arrays, k1, opt, 30, _mesh(4))
+assert "all-reduce" in lowered.compile().compiled.as_text()
+print("ok")
+"""
+
+
+def test_data_parallel_equals_one_device():
+    out = subprocess.run(
+        [sys.executable, "-c", _DATA_PARALLEL], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
+
+
+def test_bad_devices(data, getkey):
+    model = tiny_model(data, getkey())
+    with pytest.raises(ValueError, match="`devices` must be an integer >= 1"):
+        stackrnn.fit(model, data, epochs=1, key=getkey(), devices=0)
+    with pytest.raises(ValueError, match=r"`devices` \(=99\) must be at most"):
+        stackrnn.fit(model, data, epochs=1, key=getkey(), devices=99)

@@ -1,0 +1,195 @@
+"""`stackrnn.testing`: the strategies draw what they promise, and every check passes
+on a correct model and fails on a deliberately broken one."""
+
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import stackrnn
+from stackrnn.testing import (
+    check_depth_one_matches_cell,
+    check_finite_clipped_grads,
+    check_jit_consistent,
+    check_layer_wiring,
+    check_step_matches_scan,
+    check_vmap_consistent,
+    configs,
+    lengths,
+    make_cells,
+    sequences,
+    stacks,
+    states,
+)
+
+
+KEY = jr.key(0)
+
+
+def test_hypothesis_is_optional():
+    code = (
+        "import sys; sys.modules['hypothesis'] = None\n"
+        "import stackrnn\n"
+        "try:\n"
+        "    import stackrnn.testing\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "install the `testing` extra" in out and "stackrnn[testing]" in out
+
+
+@settings(max_examples=4)
+@given(data=st.data())
+def test_strategies_draw_valid_inputs(data):
+    stack = data.draw(stacks(KEY, max_layers=2))
+    xs = data.draw(sequences(stack.input_size, max_time=5))
+    state = data.draw(states(stack))
+    length = data.draw(lengths(xs.shape[0]))
+    assert 1 <= xs.shape[0] <= 5 and 1 <= length <= xs.shape[0]
+    ys, final = stack(xs, state, length=length)
+    assert ys.shape == (xs.shape[0], stack.output_size)
+    # A padded sequence's final state is the state after its last real step.
+    _, want = stack(xs[:length], state)
+    assert jax.tree.structure(final) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(want)):
+        assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# Each check: passes on the library's own stack, fails on a broken one.
+
+
+@given(cfg=configs(max_layers=1), data=st.data())
+def test_depth_one_check(cfg, data):
+    (cell,) = make_cells(cfg, KEY)
+    xs = data.draw(sequences(cfg.input_size))
+    state = data.draw(states(cell))
+    check_depth_one_matches_cell(cell, xs, state)
+
+
+def test_depth_one_check_fails_on_a_stack_that_reads_backwards(getkey):
+    cell = stackrnn.GRUCell(3, 4, key=getkey())
+    xs = jr.normal(getkey(), (5, 3))
+
+    def backwards(cells):
+        return stackrnn.StackedRNN(cells, reverse=True)
+
+    with pytest.raises(AssertionError, match="depth-1 stack outputs vs the cell"):
+        check_depth_one_matches_cell(cell, xs, stack=backwards)
+
+
+@settings(max_examples=4)
+@given(stack=stacks(KEY, max_layers=4), data=st.data())
+def test_layer_wiring_check(stack, data):
+    check_layer_wiring(stack, data.draw(sequences(stack.input_size)))
+
+
+class _D2LWiring(stackrnn.StackedRNN):
+    """d2l's JAX `GRU(num_layers)`: every layer but the last reads the raw input."""
+
+    def __call__(self, xs, state=None, **kwargs):
+        def run(cell, xs):
+            def step(s, x):
+                s = cell(x, s)
+                return s, s
+
+            return jax.lax.scan(step, cell.init_state(), xs)[::-1]
+
+        hs = xs
+        for cell in self.cells[:-1]:
+            hs, _ = run(cell, xs)
+        return run(self.cells[-1], hs)
+
+
+def test_layer_wiring_check_fails_on_d2ls_wiring(getkey):
+    cells = [stackrnn.GRUCell(4, 4, key=getkey()) for _ in range(3)]
+    xs = jr.normal(getkey(), (5, 4))
+    check_layer_wiring(stackrnn.StackedRNN(cells), xs)
+    with pytest.raises(AssertionError, match="its layers applied in order"):
+        check_layer_wiring(_D2LWiring(cells), xs)
+
+
+@settings(max_examples=4)
+@given(stack=stacks(KEY, max_layers=3), data=st.data())
+def test_step_check(stack, data):
+    xs = data.draw(sequences(stack.input_size))
+    check_step_matches_scan(stack, xs, data.draw(states(stack)))
+
+
+class _ForgetfulStep(eqx.Module):
+    """A wrapper whose `step` drops the state it is given."""
+
+    rnn: stackrnn.StackedRNN
+
+    def init_state(self):
+        return self.rnn.init_state()
+
+    def __call__(self, xs, state=None, **kwargs):
+        return self.rnn(xs, state, **kwargs)
+
+    def step(self, x, state, **kwargs):
+        return self.rnn.step(x, self.rnn.init_state(), **kwargs)
+
+
+def test_step_check_fails_on_a_step_that_forgets(getkey):
+    xs = jr.normal(getkey(), (4, 3))
+    rnn = stackrnn.LSTM(3, 5, num_layers=2, key=getkey())
+    with pytest.raises(AssertionError, match="`step` outputs vs `__call__`"):
+        check_step_matches_scan(_ForgetfulStep(rnn), xs)
+
+
+def test_clipped_grads_check_fails_on_nan_gradients(getkey):
+    rnn = stackrnn.GRU(3, 4, num_layers=2, key=getkey())
+    xs = jr.normal(getkey(), (5, 3))
+
+    def fine(model, xs):
+        return jnp.mean(model(xs)[0] ** 2)
+
+    def norm_at_zero(model, xs):
+        # The gradient of a Euclidean norm at the zero vector is NaN.
+        ys, _ = model(xs)
+        return jnp.linalg.norm(ys - jax.lax.stop_gradient(ys))
+
+    check_finite_clipped_grads(rnn, fine, xs)
+    with pytest.raises(AssertionError, match="non-finite entries"):
+        check_finite_clipped_grads(rnn, norm_at_zero, xs)
+
+
+def test_vmap_check_fails_on_a_wrong_batching_rule(getkey):
+    rnn = stackrnn.GRU(3, 4, num_layers=2, key=getkey())
+    xs = jr.normal(getkey(), (3, 5, 3))
+
+    @jax.custom_batching.custom_vmap
+    def outputs(xs):
+        return rnn(xs)[0]
+
+    @outputs.def_vmap
+    def _rule(axis_size, in_batched, xs):
+        # The bug: examples come back in the wrong order.
+        return jax.vmap(lambda x: rnn(x)[0])(xs)[::-1], True
+
+    check_vmap_consistent(lambda xs: rnn(xs)[0], xs)
+    with pytest.raises(AssertionError, match="example 0"):
+        check_vmap_consistent(outputs, xs)
+
+
+def test_jit_check_fails_on_python_side_effects(getkey):
+    rnn = stackrnn.GRU(3, 4, num_layers=2, key=getkey())
+    xs = jr.normal(getkey(), (5, 3))
+    calls = [0]
+
+    def counting(xs):
+        # Runs at every eager call but only once, at trace time, under jit.
+        calls[0] += 1
+        return rnn(xs)[0] * calls[0]
+
+    check_jit_consistent(rnn, xs)
+    with pytest.raises(AssertionError, match="jitted output vs eager"):
+        check_jit_consistent(counting, xs)
