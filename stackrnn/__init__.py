@@ -3,6 +3,7 @@
 import importlib.metadata
 
 from ._cells import (
+    AbstractAffineCell as AbstractAffineCell,
     AbstractCell as AbstractCell,
     ElmanCell as ElmanCell,
     GRUCell as GRUCell,
