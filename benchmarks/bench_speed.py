@@ -98,8 +98,8 @@ def hand_batched(cell, config):
             )
 
             def step(s, x, c=c):
-                gx = x @ c.weight_ih.T  # pointwise adds the biases
-                gh = c.output(s) @ c.weight_hh.T
+                gx = x @ c.weight_ih.T + c.bias_ih
+                gh = c.output(s) @ c.weight_hh.T + c.bias_hh
                 s = jax.vmap(c.pointwise)(gx, gh, s)
                 return s, c.output(s)
 

@@ -1,8 +1,7 @@
 """The fast path of a layer: a hand-written backward pass.
 
-For a cell whose step is `pointwise(W_ih x_t, W_hh h_{t-1}, s_{t-1})`, the biases
-added inside `pointwise` (an [`stackrnn.AbstractAffineCell`][] with no other
-parameters):
+For a cell whose step is `pointwise(W_ih x_t + b_ih, W_hh h_{t-1} + b_hh, s_{t-1})`
+(an [`stackrnn.AbstractAffineCell`][] with no other parameters):
 
 - forward: the time loop, as the reference path runs it, also keeping each step's
   projections `gx_t`, `gh_t` and previous state for the backward pass. (Computing
@@ -51,6 +50,12 @@ def supports(cell) -> bool:
     return not jax.tree.leaves(eqx.filter(rest, eqx.is_array))
 
 
+def _affine(weight, xs, bias):
+    # `xs @ weight.T`: one matrix product over every row of `xs`.
+    ys = xs @ weight.T
+    return ys if bias is None else ys + bias
+
+
 def _run(cell, xs, state, unroll):
     """The forward recurrence, for values only (its inputs carry no gradient). Also
     returns the output read by every step (`h_prev`), both projections, and the
@@ -58,8 +63,8 @@ def _run(cell, xs, state, unroll):
 
     def step(s, x):
         h_prev = cell.output(s)
-        gx = cell.weight_ih @ x
-        gh = cell.weight_hh @ h_prev
+        gx = _affine(cell.weight_ih, x, cell.bias_ih)
+        gh = _affine(cell.weight_hh, h_prev, cell.bias_hh)
         new = cell.pointwise(gx, gh, s)
         return new, (new, s, h_prev, gx, gh)
 
@@ -69,11 +74,9 @@ def _run(cell, xs, state, unroll):
 
 @jax.custom_jvp
 def _projection(value, inputs, weight, bias):
-    """Returns `value`, already computed as `inputs @ weight.T`. Its derivative is that
-    of `inputs @ weight.T + bias` in `inputs`, `weight` and `bias`: the cell adds the
-    bias inside `pointwise`, through `value + bias` only, so a change of the bias acts
-    as the same change of `value`. (For the recurrent projection `inputs` enters
-    without gradient: the reverse scan accounts for it.)"""
+    """Returns `value`, already computed as `inputs @ weight.T + bias`; its derivative
+    is that of the affine map in `inputs`, `weight` and `bias`. (For the recurrent
+    projection `inputs` enters without gradient: the reverse scan accounts for it.)"""
     del inputs, weight, bias
     return value
 
