@@ -51,15 +51,15 @@ def supports(cell) -> bool:
 
 
 def _affine(weight, xs, bias):
-    # `xs @ weight.T`: one matrix product over every row of `xs`.
+    # `xs @ weight.T`: a single product over all rows when `xs` is a matrix.
     ys = xs @ weight.T
     return ys if bias is None else ys + bias
 
 
 def _run(cell, xs, state, unroll):
-    """The forward recurrence, for values only (its inputs carry no gradient). Also
-    returns the output read by every step (`h_prev`), both projections, and the
-    backward function of every elementwise update, for the reverse scan."""
+    """The forward recurrence, for values only (its inputs carry no gradient). Returns
+    the state after and before every step, the output each step read (`h_prev`) and
+    both projections, which the reverse scan and the weight gradients read."""
 
     def step(s, x):
         h_prev = cell.output(s)
