@@ -17,7 +17,8 @@ from ._train import default_optimizer, fit, plot_history
 
 
 # The seed's run (d2l, chapter "Deep Recurrent Neural Networks"). `init` is None:
-# d2l's normal(0.01) for `--cell rnn` (StackedRNNScratch), PyTorch's otherwise.
+# d2l's normal(0.01) for `--cell rnn` (StackedRNNScratch), PyTorch's otherwise; `lr`
+# is None: the seed's 2 for SGD, Adam's usual 0.001 for Adam.
 DEFAULTS = dict(
     cell="gru",
     layers=2,
@@ -25,7 +26,8 @@ DEFAULTS = dict(
     init=None,
     embedding=0,
     dropout=0.0,
-    lr=2.0,
+    optimizer="sgd",
+    lr=None,
     clip=1.0,
     epochs=100,
     batch_size=1024,
@@ -36,6 +38,10 @@ DEFAULTS = dict(
 )
 # May change when a run is resumed; everything else must match the checkpoint.
 _RESUMABLE = {"epochs", "data"}
+# Options added after the first checkpoint format, with the values that reproduce
+# what runs saved before them did.
+_ADDED = dict(optimizer="sgd")
+_LEARNING_RATES = dict(sgd=2.0, adam=0.001)
 _CURVES = "curves.png"
 
 
@@ -100,7 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--embedding", type=_count(0), help="embedding size; 0 for one-hot (0)")
     add("--dropout", type=_number(0, below=1), help="dropout between layers (0)")
-    add("--lr", type=_number(0, inclusive=False), help="SGD learning rate (2)")
+    add("--optimizer", choices=("sgd", "adam"), help="after gradient clipping (sgd)")
+    add(
+        "--lr",
+        type=_number(0, inclusive=False),
+        help="learning rate (2 for sgd, 0.001 for adam)",
+    )
     add("--clip", type=_number(0, inclusive=False), help="gradient norm clip (1)")
     add("--epochs", type=_count(1), help="total epochs of the run (100)")
     add("--batch-size", type=_count(1), help="windows per step (1024)")
@@ -146,6 +157,10 @@ def _build_model(hp: dict, vocab_size: int, key) -> RNNLM:
     return RNNLM(rnn, vocab_size, embedding=hp["embedding"] > 0, init=init, key=lm_key)
 
 
+def _saved_hyperparameters(saved: Checkpoint) -> dict:
+    return {**_ADDED, **saved.hyperparameters}
+
+
 def _new_state(hp: dict, vocab_size: int, key):
     """A freshly initialised `(model, optimizer, opt_state)` for hyper-parameters
     `hp`; also the skeleton a checkpoint is loaded into."""
@@ -156,7 +171,7 @@ def _new_state(hp: dict, vocab_size: int, key):
             "`stackrnn train`"
         )
     model = _build_model(hp, vocab_size, key)
-    optimizer = default_optimizer(hp["lr"], hp["clip"])
+    optimizer = default_optimizer(hp["lr"], hp["clip"], method=hp["optimizer"])
     return model, optimizer, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
 
@@ -166,14 +181,15 @@ def _train(args: dict) -> None:
     devices = args.pop("devices")
     if resume:
         saved = Checkpoint.read(out)
+        saved_hp = _saved_hyperparameters(saved)
         for name, value in args.items():
-            before = saved.hyperparameters.get(name)
+            before = saved_hp.get(name)
             if name not in _RESUMABLE and before != value:
                 raise ValueError(
                     f"`--{name.replace('_', '-')}` (={value}) differs from the "
                     f"checkpoint's (={before}); drop it to resume"
                 )
-        hp = {**saved.hyperparameters, **args}
+        hp = {**saved_hp, **args}
         vocab, history = saved.vocab, saved.history
     else:
         if Checkpoint.exists(out):
@@ -184,6 +200,8 @@ def _train(args: dict) -> None:
         hp = {**DEFAULTS, "data": None, **args}
         if hp["init"] is None:
             hp["init"] = "normal" if hp["cell"] == "rnn" else "pytorch"
+        if hp["lr"] is None:
+            hp["lr"] = _LEARNING_RATES[hp["optimizer"]]
         vocab, history = None, None
     text = load_text(hp["data"])
     sha1 = hashlib.sha1(text.encode()).hexdigest()
@@ -245,7 +263,7 @@ def _train(args: dict) -> None:
 def _generate(args: argparse.Namespace) -> None:
     saved = Checkpoint.read(args.checkpoint)
     model, _, opt_state = _new_state(
-        saved.hyperparameters, len(saved.vocab), jax.random.key(0)
+        _saved_hyperparameters(saved), len(saved.vocab), jax.random.key(0)
     )
     model, _ = saved.load((model, opt_state))
     chars = generate(

@@ -30,24 +30,30 @@ from ._lm import RNNLM, sequence_loss
 
 
 def default_optimizer(
-    learning_rate: float = 2.0, clip: float = 1.0
+    learning_rate: float = 2.0, clip: float = 1.0, *, method: str = "sgd"
 ) -> optax.GradientTransformation:
     """d2l's optimiser for its RNN language models: gradients clipped to global norm
-    `clip`, then SGD with `learning_rate`.
+    `clip`, then SGD with `learning_rate`; or Adam in SGD's place.
 
     **Arguments:**
 
-    - `learning_rate`: the SGD step size; d2l uses 2.
+    - `learning_rate`: the step size; d2l uses 2 with SGD.
     - `clip`: the largest global gradient norm; d2l's `gradient_clip_val=1`.
+    - `method`: `"sgd"` (d2l's) or `"adam"` (`optax.adam`, which wants a step size
+      near 1e-3). (Keyword only argument.)
 
     **Returns:**
 
-    `optax.chain(optax.clip_by_global_norm(clip), optax.sgd(learning_rate))`.
+    `optax.chain(optax.clip_by_global_norm(clip), optax.sgd(learning_rate))`, with
+    `optax.adam` for `method="adam"`.
     """
     for name, value in (("learning_rate", learning_rate), ("clip", clip)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"`{name}` must be a number > 0, got {value!r}")
-    return optax.chain(optax.clip_by_global_norm(clip), optax.sgd(learning_rate))
+    methods = {"sgd": optax.sgd, "adam": optax.adam}
+    if method not in methods:
+        raise ValueError(f"`method` must be 'sgd' or 'adam', got {method!r}")
+    return optax.chain(optax.clip_by_global_norm(clip), methods[method](learning_rate))
 
 
 @dataclasses.dataclass

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import stackrnn
@@ -145,3 +146,33 @@ def test_train_devices(text_file, tmp_path, capsys):
     assert "devices" not in meta["hyperparameters"]
     assert run(*args, "--out", tmp_path / "b", "--devices", "99") == 2
     assert "`devices` (=99) must be at most" in capsys.readouterr().err
+
+
+def test_optimizer_flag(text_file, tmp_path, capsys):
+    sgd, adam = tmp_path / "sgd", tmp_path / "adam"
+    assert run("train", "--data", text_file, "--out", sgd, *SMALL) == 0
+    # optax.adam's bias correction raises a float to an int32 power, which the
+    # strict promotion these tests run under forbids; users run JAX's standard mode.
+    with jax.numpy_dtype_promotion("standard"):
+        argv = ["--out", adam, *SMALL, "--optimizer", "adam"]
+        assert run("train", "--data", text_file, *argv) == 0
+    hp = {p.name: json.loads((p / "checkpoint.json").read_text()) for p in (sgd, adam)}
+    assert hp["sgd"]["hyperparameters"]["optimizer"] == "sgd"
+    assert hp["sgd"]["hyperparameters"]["lr"] == 2.0
+    assert hp["adam"]["hyperparameters"]["optimizer"] == "adam"
+    assert hp["adam"]["hyperparameters"]["lr"] == 0.001
+    assert hp["sgd"]["history"]["train_ppl"] != hp["adam"]["history"]["train_ppl"]
+    assert run("train", "--optimizer", "rmsprop") == 2
+    assert "--optimizer: invalid choice: 'rmsprop'" in capsys.readouterr().err
+
+
+def test_checkpoint_from_before_the_optimizer_flag_resumes(text_file, tmp_path):
+    out = tmp_path / "run"
+    assert run("train", "--data", text_file, "--out", out, *SMALL) == 0
+    path = out / "checkpoint.json"
+    meta = json.loads(path.read_text())
+    del meta["hyperparameters"]["optimizer"]
+    path.write_text(json.dumps(meta))
+    assert run("train", "--out", out, "--resume", "--epochs", "3", "--quiet") == 0
+    assert len(json.loads(path.read_text())["history"]["train_ppl"]) == 3
+    assert run("generate", "--checkpoint", out, "--num-chars", "5") == 0

@@ -190,6 +190,8 @@ def test_bad_arguments(data, getkey):
         stackrnn.default_optimizer(0)
     with pytest.raises(ValueError, match="`clip` must be a number > 0"):
         stackrnn.default_optimizer(2.0, -1.0)
+    with pytest.raises(ValueError, match="`method` must be 'sgd' or 'adam', got 'sdg'"):
+        stackrnn.default_optimizer(method="sdg")
     model = tiny_model(data, getkey())
     with pytest.raises(ValueError, match="`batch_size` must be an integer >= 1"):
         stackrnn.fit(model, data, epochs=1, key=getkey(), batch_size=0)
