@@ -89,7 +89,9 @@ class AbstractAffineCell(AbstractCell):
 
     Elman, GRU and LSTM cells are of this kind. A layer of such a cell, with no
     parameters beyond those four, runs on the fast path: both projections and their
-    weight gradients become single matrix products over all time steps.
+    weight gradients become single matrix products over all time steps. The
+    layer-normalised cells are of this kind too (without biases, their normalisations
+    inside `pointwise`), but their gains and shifts keep them on the reference path.
     """
 
     weight_ih: eqx.AbstractVar[Array]
