@@ -12,8 +12,9 @@ from hypothesis import given, strategies as st
 
 import stackrnn
 from stackrnn._fast import supports
+from stackrnn.testing import check_layer_wiring, check_step_matches_scan
 
-from .helpers import tree_equal, x64
+from .helpers import Config, inputs, make_cells, tree_equal, x64
 
 
 KEY = jr.key(0)
@@ -256,3 +257,15 @@ def test_constructors_build_layer_normalised_stacks():
     # Off by default: the plain cells.
     assert type(stackrnn.GRU(3, 4, key=KEY).cells[0]) is stackrnn.GRUCell
     assert type(stackrnn.LSTM(3, 4, key=KEY).cells[0]) is stackrnn.LSTMCell
+
+
+@pytest.mark.parametrize("kind", ["gru_ln", "lstm_ln"])
+def test_deep_stacks_wire_and_stream_like_the_others(kind):
+    """The generic stack properties, on a three-layer stack of each cell (the
+    strategies draw these kinds too, among the others)."""
+    cfg = Config(kind=kind, input_size=3, widths=(4, 5, 4), bias=True, time=5)
+    kc, kx = jr.split(KEY)
+    stack = stackrnn.StackedRNN(make_cells(cfg, kc))
+    xs = inputs(cfg, kx)
+    check_layer_wiring(stack, xs)
+    check_step_matches_scan(stack, xs)
