@@ -19,8 +19,16 @@ from ._data import (
     Vocab as Vocab,
 )
 from ._generate import generate as generate, predict as predict
-from ._init import NormalInit as NormalInit, PyTorchInit as PyTorchInit
+from ._init import (
+    NormalInit as NormalInit,
+    OrthogonalInit as OrthogonalInit,
+    PyTorchInit as PyTorchInit,
+)
 from ._lm import RNNLM as RNNLM, sequence_loss as sequence_loss
+from ._norm_cells import (
+    LayerNormGRUCell as LayerNormGRUCell,
+    LayerNormLSTMCell as LayerNormLSTMCell,
+)
 from ._stack import StackedRNN as StackedRNN
 from ._train import (
     default_optimizer as default_optimizer,

@@ -9,6 +9,7 @@ layer can instead project every time step at once and scan only `recur`.
 """
 
 import abc
+import math
 from typing import Literal
 
 import equinox as eqx
@@ -88,7 +89,9 @@ class AbstractAffineCell(AbstractCell):
 
     Elman, GRU and LSTM cells are of this kind. A layer of such a cell, with no
     parameters beyond those four, runs on the fast path: both projections and their
-    weight gradients become single matrix products over all time steps.
+    weight gradients become single matrix products over all time steps. The
+    layer-normalised cells are of this kind too (without biases, their normalisations
+    inside `pointwise`), but their gains and shifts keep them on the reference path.
     """
 
     weight_ih: eqx.AbstractVar[Array]
@@ -126,9 +129,72 @@ def _affine(weight, x, bias):
     return y if bias is None else y + bias
 
 
+def _weight_hr(init, key, dtype, hidden_size, proj_size):
+    """An LSTM's projection `weight_hr`, or `None` when `proj_size` is 0. Drawn from
+    its own key, split off before the other parameters'."""
+    if not proj_size:
+        return None
+    shape = (proj_size, hidden_size)
+    return init(key, shape, dtype, role="weight_hr", hidden_size=hidden_size)
+
+
+def _gru_update(gates_x, gates_h, h):
+    """PyTorch's GRU update from the two projections, each split r, z, n."""
+    x_r, x_z, x_n = jnp.split(gates_x, 3)
+    h_r, h_z, h_n = jnp.split(gates_h, 3)
+    r = jax.nn.sigmoid(x_r + h_r)
+    z = jax.nn.sigmoid(x_z + h_z)
+    n = jnp.tanh(x_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def _lstm_memory(gates, c):
+    """The LSTM's new memory `c'` and output gate, from the summed gate
+    pre-activations in the order i, f, g, o."""
+    i, f, g, o = jnp.split(gates, 4)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    return c, jax.nn.sigmoid(o)
+
+
 def _check_config(input_size, hidden_size):
     check_size("input_size", input_size)
     check_size("hidden_size", hidden_size)
+
+
+def _check_proj_size(proj_size, hidden_size):
+    check_size("proj_size", proj_size, minimum=0)
+    if proj_size >= hidden_size:
+        raise ValueError(
+            f"`proj_size` (={proj_size}) must be smaller than `hidden_size` "
+            f"(={hidden_size})"
+        )
+
+
+def _check_forget_bias(forget_bias, bias):
+    if forget_bias is None:
+        return
+    if (
+        isinstance(forget_bias, bool)
+        or not isinstance(forget_bias, (int, float))
+        or not math.isfinite(forget_bias)
+    ):
+        raise ValueError(
+            f"`forget_bias` must be a finite number or None, got {forget_bias!r}"
+        )
+    if not bias:
+        raise ValueError(
+            f"`forget_bias` (={forget_bias!r}) needs biases, but `bias` is False"
+        )
+
+
+def _with_forget_bias(bias_ih, bias_hh, hidden_size, forget_bias):
+    """Sets the forget gate's block (rows `hidden_size:2*hidden_size` in the order
+    i, f, g, o) so that `bias_ih + bias_hh` there equals `forget_bias`: all of it on
+    `bias_ih`, zero on `bias_hh`. Unchanged if `forget_bias` is None."""
+    if forget_bias is None:
+        return bias_ih, bias_hh
+    forget = slice(hidden_size, 2 * hidden_size)
+    return bias_ih.at[forget].set(forget_bias), bias_hh.at[forget].set(0)
 
 
 class ElmanCell(AbstractAffineCell):
@@ -251,12 +317,7 @@ class GRUCell(AbstractAffineCell):
         return jnp.zeros((self.hidden_size,), self.weight_hh.dtype)
 
     def pointwise(self, gates_x, gates_h, state):
-        x_r, x_z, x_n = jnp.split(gates_x, 3)
-        h_r, h_z, h_n = jnp.split(gates_h, 3)
-        r = jax.nn.sigmoid(x_r + h_r)
-        z = jax.nn.sigmoid(x_z + h_z)
-        n = jnp.tanh(x_n + r * h_n)
-        return (1 - z) * n + z * state
+        return _gru_update(gates_x, gates_h, state)
 
     def output(self, state):
         return state
@@ -278,6 +339,11 @@ class LSTMCell(AbstractAffineCell):
 
     - `proj_size`: size of the projected hidden state `h`; 0 (default) for none.
       (Keyword only argument.)
+    - `forget_bias`: if a number, the forget gate's bias `b_if + b_hf` starts at this
+      value instead of the initialiser's draw: `bias_ih[hidden_size:2*hidden_size]`
+      holds it and `bias_hh`'s forget block is zero (Jozefowicz et al., 2015,
+      recommend 1). `None` (default) leaves the draw. Needs `bias=True`.
+      (Keyword only argument.)
     """
 
     weight_ih: Float[Array, "4*hidden input"]
@@ -296,17 +362,14 @@ class LSTMCell(AbstractAffineCell):
         *,
         proj_size: int = 0,
         bias: bool = True,
+        forget_bias: float | None = None,
         init: Initializer = PyTorchInit(),
         dtype=None,
         key: PRNGKeyArray,
     ):
         _check_config(input_size, hidden_size)
-        check_size("proj_size", proj_size, minimum=0)
-        if proj_size >= hidden_size:
-            raise ValueError(
-                f"`proj_size` (={proj_size}) must be smaller than `hidden_size` "
-                f"(={hidden_size})"
-            )
+        _check_proj_size(proj_size, hidden_size)
+        _check_forget_bias(forget_bias, bias)
         dtype = _default_float() if dtype is None else dtype
         h, i = hidden_size, input_size
         out = proj_size or hidden_size
@@ -319,11 +382,11 @@ class LSTMCell(AbstractAffineCell):
         key, proj_key = jax.random.split(key)
         for name, value in _params(init, key, dtype, hidden_size, shapes, bias):
             setattr(self, name, value)
-        self.weight_hr = (
-            init(proj_key, (proj_size, h), dtype, role="weight_hr", hidden_size=h)
-            if proj_size
-            else None
-        )
+        if bias:
+            self.bias_ih, self.bias_hh = _with_forget_bias(
+                self.bias_ih, self.bias_hh, hidden_size, forget_bias
+            )
+        self.weight_hr = _weight_hr(init, proj_key, dtype, hidden_size, proj_size)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.proj_size = proj_size
@@ -341,9 +404,8 @@ class LSTMCell(AbstractAffineCell):
 
     def pointwise(self, gates_x, gates_h, state):
         _, c = state
-        i, f, g, o = jnp.split(gates_x + gates_h, 4)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        c, o = _lstm_memory(gates_x + gates_h, c)
+        h = o * jnp.tanh(c)
         if self.weight_hr is not None:
             h = self.weight_hr @ h
         return h, c

@@ -9,6 +9,7 @@ from jaxtyping import PRNGKeyArray
 from ._cells import AbstractCell, ElmanCell, GRUCell, LSTMCell
 from ._checks import check_size
 from ._init import Initializer, PyTorchInit
+from ._norm_cells import LayerNormGRUCell, LayerNormLSTMCell
 from ._stack import StackedRNN
 
 
@@ -25,6 +26,11 @@ def _widths(hidden_size, num_layers) -> tuple[int, ...]:
             check_size(f"hidden_size[{i}]", w)
         return widths
     return (check_size("hidden_size", hidden_size),) * num_layers
+
+
+def _check_layer_norm(layer_norm):
+    if not isinstance(layer_norm, bool):
+        raise TypeError(f"`layer_norm` must be a bool, got {layer_norm!r}")
 
 
 def _build(
@@ -81,8 +87,9 @@ def RNN(
     - `nonlinearity`: `"tanh"` or `"relu"`. (Keyword only argument.)
     - `dropout`: dropout probability between layers. (Keyword only argument.)
     - `bias`: whether the cells have biases. (Keyword only argument.)
-    - `init`: the parameter initialiser: [`stackrnn.PyTorchInit`][] (default) or
-      [`stackrnn.NormalInit`][] (d2l's `StackedRNNScratch`). (Keyword only argument.)
+    - `init`: the parameter initialiser: [`stackrnn.PyTorchInit`][] (default),
+      [`stackrnn.NormalInit`][] (d2l's `StackedRNNScratch`) or
+      [`stackrnn.OrthogonalInit`][]. (Keyword only argument.)
     - `unroll`: passed to `jax.lax.scan` over time. (Keyword only argument.)
     - `bidirectional`: if `True`, every layer also reads time backwards with its own
       cells, and the next layer reads both directions concatenated, forward first;
@@ -113,6 +120,7 @@ def GRU(
     *,
     dropout: float = 0.0,
     bias: bool = True,
+    layer_norm: bool = False,
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
     bidirectional: bool = False,
@@ -120,10 +128,14 @@ def GRU(
     key: PRNGKeyArray,
 ) -> StackedRNN:
     """A stack of GRU cells, like `torch.nn.GRU`. Arguments as [`stackrnn.RNN`][]
-    without `nonlinearity`."""
+    without `nonlinearity`, plus `layer_norm` (keyword only): if `True`, the cells
+    are [`stackrnn.LayerNormGRUCell`][]s, and `bias` says whether their
+    normalisations have shifts."""
+    _check_layer_norm(layer_norm)
+    cell = LayerNormGRUCell if layer_norm else GRUCell
 
     def make(i, h, *, key):
-        return GRUCell(i, h, bias=bias, init=init, dtype=dtype, key=key)
+        return cell(i, h, bias=bias, init=init, dtype=dtype, key=key)
 
     return _build(
         make, input_size, hidden_size, num_layers, dropout, unroll, bidirectional, key
@@ -138,19 +150,33 @@ def LSTM(
     proj_size: int = 0,
     dropout: float = 0.0,
     bias: bool = True,
+    forget_bias: float | None = None,
+    layer_norm: bool = False,
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
     bidirectional: bool = False,
     dtype=None,
     key: PRNGKeyArray,
 ) -> StackedRNN:
-    """A stack of LSTM cells, like `torch.nn.LSTM`. Arguments as [`stackrnn.GRU`][],
-    plus `proj_size` (keyword only): the size of each layer's projected output, 0 for
-    none. The state is a tuple `(h, c)`."""
+    """A stack of LSTM cells, like `torch.nn.LSTM`. Arguments as [`stackrnn.GRU`][]
+    (with `layer_norm=True` the cells are [`stackrnn.LayerNormLSTMCell`][]s), plus,
+    keyword only, `proj_size`: the size of each layer's projected output, 0 for
+    none; and `forget_bias`: the forget gate's starting bias in every cell, `None`
+    to leave the initialiser's draw (see [`stackrnn.LSTMCell`][]). The state is a
+    tuple `(h, c)`."""
+    _check_layer_norm(layer_norm)
+    cell = LayerNormLSTMCell if layer_norm else LSTMCell
 
     def make(i, h, *, key):
-        return LSTMCell(
-            i, h, proj_size=proj_size, bias=bias, init=init, dtype=dtype, key=key
+        return cell(
+            i,
+            h,
+            proj_size=proj_size,
+            bias=bias,
+            forget_bias=forget_bias,
+            init=init,
+            dtype=dtype,
+            key=key,
         )
 
     return _build(

@@ -66,3 +66,55 @@ class NormalInit:
         if role.startswith("bias"):
             return jnp.zeros(shape, dtype)
         return self.sigma * jax.random.normal(key, shape, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class OrthogonalInit:
+    """Orthogonal recurrent weights (Saxe et al., 2014): each gate's block of
+    `weight_hh` (`hidden_size` rows: one block for Elman, r, z, n for GRU, i, f, g, o
+    for LSTM) is drawn uniformly from the orthogonal matrices and times `gain`; every
+    other parameter comes from `base`.
+
+    Each block is orthogonal on its own, not the stacked matrix, since each gate
+    reads the previous output through its own block. A block with fewer columns
+    than rows (an LSTM with `proj_size`) gets orthonormal columns: `Q^T Q = I`.
+
+    **Arguments:**
+
+    - `base`: the initialiser of every parameter other than `weight_hh`, default
+      [`stackrnn.PyTorchInit`][]. Its draws are the same as without
+      `OrthogonalInit`, so only `weight_hh` changes.
+    - `gain`: a number > 0 multiplying the orthogonal blocks.
+    """
+
+    base: Initializer = PyTorchInit()
+    gain: float = 1.0
+
+    def __post_init__(self):
+        if not callable(self.base):
+            raise TypeError(
+                "`base` must be an initialiser, a callable "
+                f"`init(key, shape, dtype, *, role, hidden_size)`, got {self.base!r}"
+            )
+        if (
+            isinstance(self.gain, bool)
+            or not isinstance(self.gain, (int, float))
+            or not 0 < self.gain < math.inf
+        ):
+            raise ValueError(f"`gain` must be a finite number > 0, got {self.gain!r}")
+
+    def __call__(self, key, shape, dtype, *, role, hidden_size):
+        if role != "weight_hh":
+            return self.base(key, shape, dtype, role=role, hidden_size=hidden_size)
+        rows, cols = shape
+        if rows % hidden_size:
+            raise ValueError(
+                f"`weight_hh` of shape {shape} does not split into blocks of "
+                f"`hidden_size` (={hidden_size}) rows"
+            )
+        # QR needs at least single precision; half-precision weights are cast after.
+        work = dtype if jnp.dtype(dtype).itemsize >= 4 else jnp.float32
+        blocks = jax.random.orthogonal(
+            key, hidden_size, (rows // hidden_size,), work, cols
+        )
+        return (self.gain * blocks).reshape(shape).astype(dtype)

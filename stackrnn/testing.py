@@ -29,6 +29,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess test
     ) from e
 
 from ._cells import AbstractCell, ElmanCell, GRUCell, LSTMCell
+from ._norm_cells import LayerNormGRUCell, LayerNormLSTMCell
 from ._stack import StackedRNN
 
 
@@ -52,9 +53,9 @@ __all__ = [
     "check_jit_consistent",
 ]
 
-KINDS = ("rnn_tanh", "rnn_relu", "gru", "lstm", "lstm_proj")
-"""The cell kinds the strategies draw: Elman (tanh, relu), GRU, LSTM, and LSTM with a
-projection (`proj_size = hidden_size // 2`)."""
+KINDS = ("rnn_tanh", "rnn_relu", "gru", "lstm", "lstm_proj", "gru_ln", "lstm_ln")
+"""The cell kinds the strategies draw: Elman (tanh, relu), GRU, LSTM, LSTM with a
+projection (`proj_size = hidden_size // 2`), and the layer-normalised GRU and LSTM."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,10 @@ def make_cell(
         return ElmanCell(input_size, width, nonlinearity=kind[4:], bias=bias, key=key)
     if kind == "gru":
         return GRUCell(input_size, width, bias=bias, key=key)
+    if kind == "gru_ln":
+        return LayerNormGRUCell(input_size, width, bias=bias, key=key)
+    if kind == "lstm_ln":
+        return LayerNormLSTMCell(input_size, width, bias=bias, key=key)
     if kind not in ("lstm", "lstm_proj"):
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
     proj = max(1, width // 2) if kind == "lstm_proj" else 0

@@ -115,6 +115,54 @@ def test_bad_sigma():
         stackrnn.NormalInit(-1.0)
 
 
+@pytest.mark.parametrize("gain", [0.0, -1.0, float("inf"), True, "1"])
+def test_bad_orthogonal_gain(gain):
+    with _raises(ValueError, "`gain`", "finite number > 0", repr(gain)):
+        stackrnn.OrthogonalInit(gain=gain)
+
+
+def test_bad_orthogonal_base():
+    with _raises(TypeError, "`base`", "initialiser", "'uniform'"):
+        stackrnn.OrthogonalInit(base="uniform")
+
+
+def test_orthogonal_weight_hh_must_split_into_gate_blocks():
+    init = stackrnn.OrthogonalInit()
+    with _raises(ValueError, "`weight_hh` of shape (10, 4)", "`hidden_size` (=4)"):
+        init(KEY, (10, 4), jnp.float32, role="weight_hh", hidden_size=4)
+
+
+@pytest.mark.parametrize(
+    "make", [stackrnn.LSTMCell, stackrnn.LayerNormLSTMCell, stackrnn.LSTM]
+)
+def test_bad_forget_bias(make):
+    for value in (True, "1", float("nan"), [1.0]):
+        with _raises(ValueError, "`forget_bias`", "finite number or None", repr(value)):
+            make(3, 4, forget_bias=value, key=KEY)
+    with _raises(ValueError, "`forget_bias` (=1.0)", "`bias` is False"):
+        make(3, 4, forget_bias=1.0, bias=False, key=KEY)
+
+
+@pytest.mark.parametrize(
+    "make", [stackrnn.LayerNormGRUCell, stackrnn.LayerNormLSTMCell]
+)
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("inf"), False, "1e-5"])
+def test_bad_layer_norm_eps(make, eps):
+    with _raises(ValueError, "`eps`", "finite number > 0", repr(eps)):
+        make(3, 4, eps=eps, key=KEY)
+
+
+@pytest.mark.parametrize("make", [stackrnn.GRU, stackrnn.LSTM])
+def test_bad_layer_norm_flag(make):
+    with _raises(TypeError, "`layer_norm`", "bool", "got 1"):
+        make(3, 4, layer_norm=1, key=KEY)
+
+
+def test_layer_norm_lstm_proj_size():
+    with _raises(ValueError, "`proj_size` (=4)", "smaller than `hidden_size` (=4)"):
+        stackrnn.LSTM(3, 4, proj_size=4, layer_norm=True, key=KEY)
+
+
 def test_dropout_with_one_layer_warns():
     with pytest.warns(UserWarning, match="`dropout` \\(=0.5\\) has no effect"):
         stackrnn.GRU(3, 4, num_layers=1, dropout=0.5, key=KEY)

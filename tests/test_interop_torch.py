@@ -396,6 +396,20 @@ def test_to_torch_needs_a_uniform_stack(getkey):
         to_torch(stackrnn.GRUCell(3, 4, key=getkey()))
 
 
+def test_to_torch_rejects_cells_pytorch_lacks(getkey):
+    """PyTorch's RNN modules have no layer normalisation."""
+    for layer_norm_stack in (
+        stackrnn.GRU(3, 4, num_layers=2, layer_norm=True, key=getkey()),
+        stackrnn.LSTM(3, 4, layer_norm=True, bidirectional=True, key=getkey()),
+    ):
+        name = type(layer_norm_stack.cells[0]).__name__
+        for export in (to_torch, to_torch_module):
+            with pytest.raises(
+                TypeError, match=rf"`stack.cells\[0\]` is a {name}; PyTorch has only"
+            ):
+                export(layer_norm_stack)
+
+
 def test_import_stackrnn_never_imports_torch():
     code = "import sys, stackrnn; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

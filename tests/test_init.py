@@ -1,0 +1,155 @@
+"""Initialisation choices: orthogonal recurrent weights and the LSTM's forget-gate
+bias, each deterministic for a key and leaving every other parameter as drawn."""
+
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import stackrnn
+
+from .helpers import tree_equal, x64
+
+
+KEY = jr.key(0)
+
+
+def _cell(kind, input_size, hidden_size, *, init, key, **kwargs):
+    """A cell of `kind` (one of `KINDS`); `_proj` kinds have `proj_size`."""
+    proj = max(1, hidden_size // 2) if kind.endswith("proj") else 0
+    if kind == "rnn":
+        return stackrnn.ElmanCell(input_size, hidden_size, init=init, key=key)
+    if kind == "gru":
+        return stackrnn.GRUCell(input_size, hidden_size, init=init, key=key)
+    if kind == "gru_ln":
+        return stackrnn.LayerNormGRUCell(input_size, hidden_size, init=init, key=key)
+    if kind.startswith("lstm_ln"):
+        return stackrnn.LayerNormLSTMCell(
+            input_size, hidden_size, proj_size=proj, init=init, key=key, **kwargs
+        )
+    return stackrnn.LSTMCell(
+        input_size, hidden_size, proj_size=proj, init=init, key=key, **kwargs
+    )
+
+
+KINDS = ["rnn", "gru", "gru_ln", "lstm", "lstm_proj", "lstm_ln", "lstm_ln_proj"]
+
+
+def _blocks(cell):
+    """`weight_hh` cut into its gate blocks of `hidden_size` rows, in float64."""
+    w = np.asarray(cell.weight_hh, np.float64)
+    return np.split(w, w.shape[0] // cell.hidden_size)
+
+
+@given(
+    kind=st.sampled_from(KINDS),
+    hidden_size=st.integers(2, 7),
+    gain=st.sampled_from([1.0, 0.5, 3.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_orthogonal_blocks(kind, hidden_size, gain, seed):
+    """Every gate block `Q` of `weight_hh` has orthonormal columns times `gain`
+    (`Q^T Q = gain^2 I`), and when square orthonormal rows too."""
+    init = stackrnn.OrthogonalInit(gain=gain)
+    cell = _cell(kind, 3, hidden_size, init=init, key=jr.key(seed))
+    blocks = _blocks(cell)
+    assert len(blocks) == {"rnn": 1, "gru": 3, "gru_ln": 3}.get(kind, 4)
+    for q in blocks:
+        cols = q.shape[1]
+        np.testing.assert_allclose(q.T @ q, gain**2 * np.eye(cols), atol=1e-5)
+        if cols == q.shape[0]:
+            np.testing.assert_allclose(q @ q.T, gain**2 * np.eye(cols), atol=1e-5)
+    # Each block is drawn on its own, not copied.
+    assert not np.allclose(blocks[0], blocks[-1]) or len(blocks) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_orthogonal_changes_only_the_recurrent_weights(kind):
+    """Every parameter but `weight_hh` is `base`'s draw for the same key, and the
+    cell is the same for the same key (bit for bit), another for another key."""
+    base = stackrnn.NormalInit(0.3)
+    init = stackrnn.OrthogonalInit(base=base)
+    cell = _cell(kind, 3, 4, init=init, key=KEY)
+    plain = _cell(kind, 3, 4, init=base, key=KEY)
+    for name in ("weight_ih", "bias_ih", "bias_hh", "weight_hr"):
+        assert tree_equal(getattr(cell, name, None), getattr(plain, name, None)), name
+    assert not np.allclose(cell.weight_hh, plain.weight_hh)
+    assert tree_equal(cell, _cell(kind, 3, 4, init=init, key=KEY))
+    other = _cell(kind, 3, 4, init=init, key=jr.key(1))
+    assert not np.allclose(cell.weight_hh, other.weight_hh)
+
+
+def test_orthogonal_in_deep_and_bidirectional_stacks():
+    """Every layer and direction gets its own orthogonal blocks, other weights as
+    PyTorch's uniform draw."""
+    init = stackrnn.OrthogonalInit()
+    stack = stackrnn.GRU(3, 4, num_layers=4, init=init, bidirectional=True, key=KEY)
+    plain = stackrnn.GRU(3, 4, num_layers=4, bidirectional=True, key=KEY)
+    cells = stack.cells + stack.backward_cells
+    for cell, same in zip(cells, plain.cells + plain.backward_cells):
+        for q in _blocks(cell):
+            np.testing.assert_allclose(q.T @ q, np.eye(4), atol=1e-5)
+        assert tree_equal(
+            (cell.weight_ih, cell.bias_ih, cell.bias_hh),
+            (same.weight_ih, same.bias_ih, same.bias_hh),
+        )
+    hh = [np.asarray(c.weight_hh) for c in cells]
+    assert all(not np.allclose(a, b) for i, a in enumerate(hh) for b in hh[i + 1 :])
+
+
+def test_orthogonal_in_low_and_double_precision():
+    init = stackrnn.OrthogonalInit()
+    cell = stackrnn.LSTMCell(3, 4, init=init, dtype=jnp.bfloat16, key=KEY)
+    assert cell.weight_hh.dtype == jnp.bfloat16
+    for q in _blocks(cell):
+        np.testing.assert_allclose(q.T @ q, np.eye(4), atol=2e-2)
+    with x64(True):
+        cell = stackrnn.LSTMCell(3, 4, init=init, key=KEY)
+        assert cell.weight_hh.dtype == jnp.float64
+        for q in _blocks(cell):
+            np.testing.assert_allclose(q.T @ q, np.eye(4), atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "init", [stackrnn.PyTorchInit(), stackrnn.NormalInit(0.1)], ids=["torch", "d2l"]
+)
+@pytest.mark.parametrize("proj_size", [0, 2])
+def test_forget_bias_sets_the_forget_block_only(init, proj_size):
+    """`bias_ih + bias_hh` is `forget_bias` on the forget block (i, f, g, o: rows
+    `H:2H`), all of it on `bias_ih`; every other entry and parameter is the draw
+    without `forget_bias`."""
+    h = 4
+    cell = stackrnn.LSTMCell(
+        3, h, proj_size=proj_size, forget_bias=1.0, init=init, key=KEY
+    )
+    plain = stackrnn.LSTMCell(3, h, proj_size=proj_size, init=init, key=KEY)
+    forget = slice(h, 2 * h)
+    np.testing.assert_array_equal(cell.bias_ih[forget], np.ones(h))
+    np.testing.assert_array_equal(cell.bias_hh[forget], np.zeros(h))
+    keep = np.r_[0:h, 2 * h : 4 * h]
+    for name in ("bias_ih", "bias_hh"):
+        np.testing.assert_array_equal(
+            getattr(cell, name)[keep], getattr(plain, name)[keep]
+        )
+    assert tree_equal(
+        (cell.weight_ih, cell.weight_hh, cell.weight_hr),
+        (plain.weight_ih, plain.weight_hh, plain.weight_hr),
+    )
+
+
+def test_forget_bias_in_every_cell_of_a_stack():
+    stack = stackrnn.LSTM(
+        3,
+        [4, 5, 6],
+        num_layers=3,
+        forget_bias=2,
+        init=stackrnn.OrthogonalInit(),
+        key=KEY,
+    )
+    for cell in stack.cells:
+        h = cell.hidden_size
+        total = cell.bias_ih + cell.bias_hh
+        np.testing.assert_array_equal(total[h : 2 * h], np.full(h, 2.0))
+        for q in _blocks(cell):
+            np.testing.assert_allclose(q.T @ q, np.eye(h), atol=1e-5)
