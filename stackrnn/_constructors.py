@@ -32,10 +32,9 @@ def _build(
     input_size,
     hidden_size,
     num_layers,
-    dropout,
-    unroll,
     bidirectional,
     key,
+    **options,
 ) -> StackedRNN:
     check_size("input_size", input_size)
     widths = _widths(hidden_size, num_layers)
@@ -52,8 +51,7 @@ def _build(
     return StackedRNN(
         cells,
         backward_cells=backward_cells if bidirectional else None,
-        dropout=dropout,
-        unroll=unroll,
+        **options,
     )
 
 
@@ -64,6 +62,11 @@ def RNN(
     *,
     nonlinearity: Literal["tanh", "relu"] = "tanh",
     dropout: float = 0.0,
+    variational: bool = False,
+    recurrent_dropout: float = 0.0,
+    zoneout: float | tuple[float, ...] = 0.0,
+    weight_drop: float = 0.0,
+    residual: bool = False,
     bias: bool = True,
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
@@ -80,6 +83,9 @@ def RNN(
     - `num_layers`: number of stacked layers.
     - `nonlinearity`: `"tanh"` or `"relu"`. (Keyword only argument.)
     - `dropout`: dropout probability between layers. (Keyword only argument.)
+    - `variational`, `recurrent_dropout`, `zoneout`, `weight_drop`, `residual`:
+      the regularisers of [`stackrnn.StackedRNN`][], all off by default.
+      (Keyword only arguments.)
     - `bias`: whether the cells have biases. (Keyword only argument.)
     - `init`: the parameter initialiser: [`stackrnn.PyTorchInit`][] (default) or
       [`stackrnn.NormalInit`][] (d2l's `StackedRNNScratch`). (Keyword only argument.)
@@ -102,7 +108,19 @@ def RNN(
         )
 
     return _build(
-        make, input_size, hidden_size, num_layers, dropout, unroll, bidirectional, key
+        make,
+        input_size,
+        hidden_size,
+        num_layers,
+        bidirectional,
+        key,
+        dropout=dropout,
+        variational=variational,
+        recurrent_dropout=recurrent_dropout,
+        zoneout=zoneout,
+        weight_drop=weight_drop,
+        residual=residual,
+        unroll=unroll,
     )
 
 
@@ -112,6 +130,11 @@ def GRU(
     num_layers: int = 1,
     *,
     dropout: float = 0.0,
+    variational: bool = False,
+    recurrent_dropout: float = 0.0,
+    zoneout: float | tuple[float, ...] = 0.0,
+    weight_drop: float = 0.0,
+    residual: bool = False,
     bias: bool = True,
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
@@ -126,7 +149,19 @@ def GRU(
         return GRUCell(i, h, bias=bias, init=init, dtype=dtype, key=key)
 
     return _build(
-        make, input_size, hidden_size, num_layers, dropout, unroll, bidirectional, key
+        make,
+        input_size,
+        hidden_size,
+        num_layers,
+        bidirectional,
+        key,
+        dropout=dropout,
+        variational=variational,
+        recurrent_dropout=recurrent_dropout,
+        zoneout=zoneout,
+        weight_drop=weight_drop,
+        residual=residual,
+        unroll=unroll,
     )
 
 
@@ -137,6 +172,11 @@ def LSTM(
     *,
     proj_size: int = 0,
     dropout: float = 0.0,
+    variational: bool = False,
+    recurrent_dropout: float = 0.0,
+    zoneout: float | tuple[float, ...] = 0.0,
+    weight_drop: float = 0.0,
+    residual: bool = False,
     bias: bool = True,
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
@@ -154,5 +194,17 @@ def LSTM(
         )
 
     return _build(
-        make, input_size, hidden_size, num_layers, dropout, unroll, bidirectional, key
+        make,
+        input_size,
+        hidden_size,
+        num_layers,
+        bidirectional,
+        key,
+        dropout=dropout,
+        variational=variational,
+        recurrent_dropout=recurrent_dropout,
+        zoneout=zoneout,
+        weight_drop=weight_drop,
+        residual=residual,
+        unroll=unroll,
     )
