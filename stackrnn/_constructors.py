@@ -38,10 +38,9 @@ def _build(
     input_size,
     hidden_size,
     num_layers,
-    dropout,
-    unroll,
     bidirectional,
     key,
+    **options,
 ) -> StackedRNN:
     check_size("input_size", input_size)
     widths = _widths(hidden_size, num_layers)
@@ -58,8 +57,7 @@ def _build(
     return StackedRNN(
         cells,
         backward_cells=backward_cells if bidirectional else None,
-        dropout=dropout,
-        unroll=unroll,
+        **options,
     )
 
 
@@ -70,6 +68,11 @@ def RNN(
     *,
     nonlinearity: Literal["tanh", "relu"] = "tanh",
     dropout: float = 0.0,
+    variational: bool = False,
+    recurrent_dropout: float = 0.0,
+    zoneout: float | tuple[float, ...] = 0.0,
+    weight_drop: float = 0.0,
+    residual: bool = False,
     bias: bool = True,
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
@@ -86,6 +89,9 @@ def RNN(
     - `num_layers`: number of stacked layers.
     - `nonlinearity`: `"tanh"` or `"relu"`. (Keyword only argument.)
     - `dropout`: dropout probability between layers. (Keyword only argument.)
+    - `variational`, `recurrent_dropout`, `zoneout`, `weight_drop`, `residual`:
+      the regularisers of [`stackrnn.StackedRNN`][], all off by default.
+      (Keyword only arguments.)
     - `bias`: whether the cells have biases. (Keyword only argument.)
     - `init`: the parameter initialiser: [`stackrnn.PyTorchInit`][] (default),
       [`stackrnn.NormalInit`][] (d2l's `StackedRNNScratch`) or
@@ -109,7 +115,19 @@ def RNN(
         )
 
     return _build(
-        make, input_size, hidden_size, num_layers, dropout, unroll, bidirectional, key
+        make,
+        input_size,
+        hidden_size,
+        num_layers,
+        bidirectional,
+        key,
+        dropout=dropout,
+        variational=variational,
+        recurrent_dropout=recurrent_dropout,
+        zoneout=zoneout,
+        weight_drop=weight_drop,
+        residual=residual,
+        unroll=unroll,
     )
 
 
@@ -119,6 +137,11 @@ def GRU(
     num_layers: int = 1,
     *,
     dropout: float = 0.0,
+    variational: bool = False,
+    recurrent_dropout: float = 0.0,
+    zoneout: float | tuple[float, ...] = 0.0,
+    weight_drop: float = 0.0,
+    residual: bool = False,
     bias: bool = True,
     layer_norm: bool = False,
     init: Initializer = PyTorchInit(),
@@ -138,7 +161,19 @@ def GRU(
         return cell(i, h, bias=bias, init=init, dtype=dtype, key=key)
 
     return _build(
-        make, input_size, hidden_size, num_layers, dropout, unroll, bidirectional, key
+        make,
+        input_size,
+        hidden_size,
+        num_layers,
+        bidirectional,
+        key,
+        dropout=dropout,
+        variational=variational,
+        recurrent_dropout=recurrent_dropout,
+        zoneout=zoneout,
+        weight_drop=weight_drop,
+        residual=residual,
+        unroll=unroll,
     )
 
 
@@ -149,6 +184,11 @@ def LSTM(
     *,
     proj_size: int = 0,
     dropout: float = 0.0,
+    variational: bool = False,
+    recurrent_dropout: float = 0.0,
+    zoneout: float | tuple[float, ...] = 0.0,
+    weight_drop: float = 0.0,
+    residual: bool = False,
     bias: bool = True,
     forget_bias: float | None = None,
     layer_norm: bool = False,
@@ -180,5 +220,17 @@ def LSTM(
         )
 
     return _build(
-        make, input_size, hidden_size, num_layers, dropout, unroll, bidirectional, key
+        make,
+        input_size,
+        hidden_size,
+        num_layers,
+        bidirectional,
+        key,
+        dropout=dropout,
+        variational=variational,
+        recurrent_dropout=recurrent_dropout,
+        zoneout=zoneout,
+        weight_drop=weight_drop,
+        residual=residual,
+        unroll=unroll,
     )

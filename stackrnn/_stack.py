@@ -18,8 +18,14 @@ from ._checks import (
     check_size,
     check_vector,
 )
-from ._dropout import dropout as _dropout
 from ._layer import run_layer
+from ._regularise import (
+    check_affine,
+    check_zoneout,
+    dropout as _dropout,
+    regularise_cell,
+    split_keys,
+)
 
 
 StackState = PyTree[Float[Array, "layers ..."]]
@@ -46,7 +52,10 @@ class StackedRNN(eqx.Module):
 
     The stack is a Python fold over its layers; each layer is a `jax.lax.scan` over
     time. Dropout is applied to the input of every layer but the first (so between
-    layers, never to the top layer's output), only when `inference=False`.
+    layers, never to the top layer's output), only when `inference=False`. The other
+    regularisers (variational and recurrent dropout, zoneout, weight drop, residual
+    connections) are off by default; the regularisation page of the docs describes
+    them.
 
     A bidirectional stack (`backward_cells` given) runs every layer forwards with
     `cells[l]` and backwards with `backward_cells[l]` over the same input, and the
@@ -65,6 +74,26 @@ class StackedRNN(eqx.Module):
       (Keyword only argument.)
     - `dropout`: probability in [0, 1) of zeroing each input of layers 2..L during
       training. (Keyword only argument.)
+    - `variational`: if `True`, `dropout` draws one mask per sequence and layer,
+      the same at every time step (Gal & Ghahramani's variational dropout), instead
+      of one per element. (Keyword only argument.)
+    - `recurrent_dropout`: probability in [0, 1) of zeroing each unit of the
+      previous output where it enters the recurrent product `weight_hh @ h`, with
+      one mask per sequence, layer and direction (Gal & Ghahramani); the carried
+      state is not masked. Needs [`stackrnn.AbstractAffineCell`][]s; takes the
+      reference path. (Keyword only argument.)
+    - `zoneout`: probability in [0, 1) that each state unit keeps its previous
+      value at a step, a fresh mask per step (Krueger et al.); at inference every
+      unit is `p * previous + (1 - p) * new`. A tuple gives one rate per array of
+      the state: `(p_h, p_c)` for LSTM cells. Takes the reference path.
+      (Keyword only argument.)
+    - `weight_drop`: probability in [0, 1) of zeroing each entry of every
+      `weight_hh` (DropConnect, Merity et al.'s weight drop), one mask per
+      sequence, layer and direction. Needs [`stackrnn.AbstractAffineCell`][]s;
+      keeps the fast path. (Keyword only argument.)
+    - `residual`: if `True`, layers 2..L add their input (before dropout) to their
+      output, `y_l = layer_l(dropout(y_{l-1})) + y_{l-1}`; their input and output
+      widths must then be equal. (Keyword only argument.)
     - `unroll`: passed to `jax.lax.scan` over time. (Keyword only argument.)
     - `reverse`: if `True`, a unidirectional stack reads time backwards: every layer
       starts at the last step, and outputs stay aligned with their inputs. Not
@@ -93,6 +122,11 @@ class StackedRNN(eqx.Module):
     cells: tuple[AbstractCell, ...]
     backward_cells: tuple[AbstractCell, ...] | None
     dropout: float = eqx.field(static=True)
+    variational: bool = eqx.field(static=True)
+    recurrent_dropout: float = eqx.field(static=True)
+    zoneout: float | tuple[float, ...] = eqx.field(static=True)
+    weight_drop: float = eqx.field(static=True)
+    residual: bool = eqx.field(static=True)
     unroll: int = eqx.field(static=True)
     reverse: bool = eqx.field(static=True)
     fast: bool | None = eqx.field(static=True)
@@ -104,6 +138,11 @@ class StackedRNN(eqx.Module):
         *,
         backward_cells: Sequence[AbstractCell] | None = None,
         dropout: float = 0.0,
+        variational: bool = False,
+        recurrent_dropout: float = 0.0,
+        zoneout: float | tuple[float, ...] = 0.0,
+        weight_drop: float = 0.0,
+        residual: bool = False,
         unroll: int = 1,
         reverse: bool = False,
         fast: bool | None = None,
@@ -149,6 +188,43 @@ class StackedRNN(eqx.Module):
                 "between layers, never on the top layer's output",
                 stacklevel=2,
             )
+        for name, flag in (("variational", variational), ("residual", residual)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
+        if variational and self.dropout == 0:
+            warnings.warn(
+                "`variational=True` has no effect with `dropout=0`: it makes the "
+                "dropout between layers draw one mask per sequence",
+                stacklevel=2,
+            )
+        self.variational = variational
+        named = [(f"cells[{i}]", c) for i, c in enumerate(cells)]
+        backward = backward_cells or ()
+        named += [(f"backward_cells[{i}]", c) for i, c in enumerate(backward)]
+        self.recurrent_dropout = check_probability(
+            "recurrent_dropout", recurrent_dropout
+        )
+        check_affine("recurrent_dropout", self.recurrent_dropout, named)
+        self.weight_drop = check_probability("weight_drop", weight_drop)
+        check_affine("weight_drop", self.weight_drop, named)
+        self.zoneout = check_zoneout(zoneout, named)
+        if residual:
+            for i in range(1, len(cells)):
+                size = self._layer_output_size(i)
+                if cells[i].input_size != size:
+                    raise ValueError(
+                        f"`residual=True` adds the input of layers 2..L to their "
+                        f"output, so their widths must match, but layer {i} "
+                        f"(`cells[{i}]`) reads {cells[i].input_size} features and "
+                        f"outputs {size}"
+                    )
+            if len(cells) == 1:
+                warnings.warn(
+                    "`residual=True` has no effect with one layer: residual "
+                    "connections skip layers 2..L",
+                    stacklevel=2,
+                )
+        self.residual = residual
         self.unroll = check_size("unroll", unroll)
         if not isinstance(reverse, bool):
             raise TypeError(f"`reverse` must be a bool, got {reverse!r}")
@@ -208,19 +284,62 @@ class StackedRNN(eqx.Module):
             return [jax.tree.map(lambda s: s[i], state) for i in range(n)]
         return list(state)
 
-    def _dropout_keys(self, key, inference) -> PRNGKeyArray | None:
-        """One dropout key per layer above the first, or `None` without dropout."""
-        if inference is None:
-            inference = self.inference
-        if not (self.dropout > 0 and not inference and self.num_layers > 1):
+    def _active(self, inference: bool) -> list[str]:
+        """The names of the regularisers that draw masks in this call."""
+        if inference:
+            return []
+        active = {
+            "dropout": self.num_layers > 1 and self.dropout > 0,
+            "recurrent_dropout": self.recurrent_dropout > 0,
+            "zoneout": self._zoneout_on,
+            "weight_drop": self.weight_drop > 0,
+        }
+        return [name for name, on in active.items() if on]
+
+    @property
+    def _zoneout_on(self) -> bool:
+        rates = self.zoneout if isinstance(self.zoneout, tuple) else (self.zoneout,)
+        return max(rates) > 0
+
+    def _keys(self, key, inference: bool):
+        """The keys of every mask (`split_keys`), or `None` when none is drawn."""
+        active = self._active(inference)
+        if not active:
             return None
         if key is None:
+            named = ", ".join(f"`{n}` (={getattr(self, n)})" for n in active)
             raise RuntimeError(
-                f"`StackedRNN` with `dropout` (={self.dropout}) requires a `key` when "
+                f"`StackedRNN` with {named} requires a `key` when "
                 "running in non-deterministic mode; pass `key=...` or "
                 "`inference=True`"
             )
-        return jax.random.split(key, self.num_layers - 1)
+        return split_keys(key, self.num_layers, 2 if self.bidirectional else 1)
+
+    def _run_layer(self, i, hs, states, keys, inference, run):
+        """Layer `i` on its input `hs` (all directions), with its regularisers;
+        `run(cell, xs, state, direction)` runs one direction."""
+        below = hs
+        if i > 0 and keys is not None and self.dropout > 0:
+            shape = (1, hs.shape[-1]) if self.variational else None
+            hs = _dropout(hs, self.dropout, keys[0][i - 1], shape=shape)
+        ys, finals = [], []
+        for direction, cell in enumerate(self._layer(i)):
+            cell, inputs = regularise_cell(
+                cell,
+                hs,
+                weight_drop=self.weight_drop,
+                recurrent_dropout=self.recurrent_dropout,
+                zoneout=self.zoneout,
+                key=None if keys is None else keys[1][i][direction],
+                inference=inference,
+            )
+            y, final = run(cell, inputs, next(states), direction)
+            ys.append(y)
+            finals.append(final)
+        hs = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)
+        if self.residual and i > 0:
+            hs = hs + below
+        return hs, finals
 
     def init_state(self) -> StackState:
         """Every layer's zero state: an array of shape `(num_layers, hidden_size)`
@@ -262,10 +381,12 @@ class StackedRNN(eqx.Module):
           as independent segments (RL episodes, packed documents). The backward
           direction of a bidirectional stack, and a `reverse` stack, respect the
           same segments. (Keyword only argument.)
-        - `key`: a `jax.random.PRNGKey` for dropout; needed only when `dropout > 0`,
-          `num_layers > 1` and `inference=False`. (Keyword only argument.)
-        - `inference`: if `True`, no dropout; defaults to the module's `inference`.
-          (Keyword only argument.)
+        - `key`: a `jax.random.PRNGKey` for the regularisers' masks; needed only
+          when `inference=False` and one of them draws masks (`dropout > 0` with
+          `num_layers > 1`, `recurrent_dropout`, `zoneout` or `weight_drop > 0`).
+          The same key draws the same masks. (Keyword only argument.)
+        - `inference`: if `True`, no dropout of any kind, and zoneout's expectation;
+          defaults to the module's `inference`. (Keyword only argument.)
         - `all_layers`: if `True`, return every layer's outputs instead of the top
           layer's only. (Keyword only argument.)
 
@@ -276,8 +397,8 @@ class StackedRNN(eqx.Module):
         `init_state()`. With `all_layers=True`, `ys` is instead a tuple with one
         output sequence per layer, bottom first, each of shape `(time, size)` where
         `size` is that layer's output size (both directions concatenated when
-        bidirectional); these are the outputs before dropout, and the last entry is
-        what `all_layers=False` returns.
+        bidirectional); these are the outputs before dropout (after the residual
+        connections), and the last entry is what `all_layers=False` returns.
         """
         check_sequence("xs", xs, self.input_size)
         time = jnp.shape(xs)[0]
@@ -289,28 +410,27 @@ class StackedRNN(eqx.Module):
             state = self.init_state()
         else:
             check_like("state", state, self.init_state())
-        keys = self._dropout_keys(key, inference)
+        inference = self.inference if inference is None else inference
+        keys = self._keys(key, inference)
+
+        def run(cell, inputs, layer_state, direction):
+            return run_layer(
+                cell,
+                inputs,
+                layer_state,
+                reverse=self.reverse or direction == 1,
+                unroll=self.unroll,
+                length=length,
+                resets=resets,
+                fast=self.fast,
+            )
+
         states = iter(self._split(state))
         hs = xs
         outputs, finals = [], []
         for i in range(self.num_layers):
-            if i > 0 and keys is not None:
-                hs = _dropout(hs, self.dropout, keys[i - 1])
-            ys = []
-            for direction, cell in enumerate(self._layer(i)):
-                y, final = run_layer(
-                    cell,
-                    hs,
-                    next(states),
-                    reverse=self.reverse or direction == 1,
-                    unroll=self.unroll,
-                    length=length,
-                    resets=resets,
-                    fast=self.fast,
-                )
-                ys.append(y)
-                finals.append(final)
-            hs = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)
+            hs, layer_finals = self._run_layer(i, hs, states, keys, inference, run)
+            finals += layer_finals
             outputs.append(hs)
         return (tuple(outputs) if all_layers else hs), self._join(finals)
 
@@ -326,11 +446,14 @@ class StackedRNN(eqx.Module):
         `step` one element at a time gives the outputs and states of `__call__`
         (for a `reverse` stack, feed the elements last first).
 
-        With dropout off (`inference=True` or `dropout=0`) the two agree exactly.
-        With dropout on, `step` draws a fresh mask per step and layer from its `key`:
-        each input of layers 2..L is zeroed independently with probability
-        `dropout`, as in `__call__`, but the masks are not those `__call__` draws
-        from the same key. Pass a different key at every step.
+        With `inference=True` the two agree exactly, whatever the options. In
+        training, `step` draws fresh masks per step and layer from its `key`, for
+        dropout (each input of layers 2..L zeroed independently with probability
+        `dropout`) and zoneout, as `__call__` does but not the masks `__call__`
+        draws from the same key: pass a different key at every step. The options
+        that draw one mask per sequence (`variational`, `recurrent_dropout`,
+        `weight_drop`) cannot keep it across calls, so `step` refuses them in
+        training with a `ValueError`.
 
         Not available for bidirectional stacks, whose backward direction needs the
         whole sequence. To reset at an episode boundary, pass `init_state()`.
@@ -339,9 +462,9 @@ class StackedRNN(eqx.Module):
 
         - `x`: the input at this step, a JAX array of shape `(input_size,)`.
         - `state`: the state after the previous step, structured as `init_state()`.
-        - `key`: a `jax.random.PRNGKey` for dropout, as in `__call__`.
+        - `key`: a `jax.random.PRNGKey` for the masks, as in `__call__`.
           (Keyword only argument.)
-        - `inference`: if `True`, no dropout; defaults to the module's `inference`.
+        - `inference`: as in `__call__`; defaults to the module's `inference`.
           (Keyword only argument.)
 
         **Returns:**
@@ -356,13 +479,34 @@ class StackedRNN(eqx.Module):
             )
         check_vector("x", x, self.input_size)
         check_like("state", state, self.init_state())
-        keys = self._dropout_keys(key, inference)
-        h = x
+        inference = self.inference if inference is None else inference
+        active = self._active(inference)
+        per_sequence = [
+            name
+            for name, on in (
+                ("variational", self.variational and "dropout" in active),
+                ("recurrent_dropout", "recurrent_dropout" in active),
+                ("weight_drop", "weight_drop" in active),
+            )
+            if on
+        ]
+        if per_sequence:
+            names = " and ".join(f"`{n}`" for n in per_sequence)
+            raise ValueError(
+                f"{names} draw one mask per sequence, which `step` cannot keep "
+                "across separate calls; in training, run the sequence with "
+                "`__call__`, or pass `inference=True`"
+            )
+        keys = self._keys(key, inference)
+
+        def run(cell, inputs, layer_state, direction):
+            new = cell(inputs[0], layer_state)
+            return cell.output(new)[None], new
+
+        states = iter(self._split(state))
+        hs = x[None]
         finals = []
-        for i, (cell, layer_state) in enumerate(zip(self.cells, self._split(state))):
-            if i > 0 and keys is not None:
-                h = _dropout(h, self.dropout, keys[i - 1])
-            layer_state = cell(h, layer_state)
-            finals.append(layer_state)
-            h = cell.output(layer_state)
-        return h, self._join(finals)
+        for i in range(self.num_layers):
+            hs, layer_finals = self._run_layer(i, hs, states, keys, inference, run)
+            finals += layer_finals
+        return hs[0], self._join(finals)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import stackrnn
-from stackrnn._dropout import dropout
+from stackrnn._regularise import dropout
 from stackrnn.testing import (
     check_finite_clipped_grads,
     check_jit_consistent,

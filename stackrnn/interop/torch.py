@@ -366,7 +366,17 @@ def to_torch_module(stack: StackedRNN) -> "torch.nn.RNNBase":
 
     A `torch.nn.RNN`, `torch.nn.GRU` or `torch.nn.LSTM` (with `batch_first=False`,
     the stack's `dropout`, and its parameters' dtype) holding `to_torch(stack)`.
+    PyTorch has none of the stack's other regularisers: a stack with `residual` or
+    `zoneout`, which change its outputs at inference too, raises a `ValueError`; the
+    training-only ones (`variational`, `recurrent_dropout`, `weight_drop`) are not
+    carried over.
     """
+    if stack.residual or stack._zoneout_on:
+        option = "residual" if stack.residual else "zoneout"
+        raise ValueError(
+            f"PyTorch's RNN modules have no `{option}`, which changes what the stack "
+            f"computes at inference too; `stack.{option}` is {getattr(stack, option)!r}"
+        )
     config = _stack_config(stack)
     state_dict = to_torch(stack)
     cell = config["cell"]

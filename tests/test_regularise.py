@@ -1,0 +1,692 @@
+"""The stack's regularisers, each against an independent construction: variational
+and recurrent dropout, zoneout, weight drop and residual connections.
+
+The masks are drawn inside the stack, so most checks recover them from what the stack
+computes: through probe cells whose outputs show their inputs or their recurrent
+weights, by trying every possible mask, or unit by unit (zoneout keeps or updates
+each unit).
+"""
+
+import itertools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import stackrnn
+
+from .helpers import (
+    Config,
+    configs,
+    fewer,
+    inputs,
+    make_cell,
+    make_cells,
+    tree_allclose,
+    tree_equal,
+    x64,
+)
+
+
+DIRECTIONS = ("forward", "reverse", "bidirectional")
+# Eager op-by-op loops versus one compiled scan: equal to f32 rounding.
+TOL = dict(rtol=1e-5, atol=1e-6)
+seeds = st.integers(0, 2**16)
+
+
+class _Echo(stackrnn.AbstractCell):
+    """Outputs its input: the layer's output shows what the layer read."""
+
+    input_size: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+
+    def __init__(self, size):
+        self.input_size = self.hidden_size = size
+
+    @property
+    def output_size(self):
+        return self.hidden_size
+
+    def init_state(self):
+        return jnp.zeros(self.hidden_size)
+
+    def project_input(self, x):
+        return x
+
+    def recur(self, gates_x, state):
+        return gates_x
+
+    def output(self, state):
+        return state
+
+
+class _Linear(stackrnn.AbstractAffineCell):
+    """`h' = weight_ih @ x + weight_hh @ h`: from a unit state and a zero input, the
+    next output is a column of the `weight_hh` the step used."""
+
+    weight_ih: jax.Array
+    weight_hh: jax.Array
+    bias_ih: None
+    bias_hh: None
+    input_size: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+
+    def __init__(self, input_size, hidden_size, key):
+        k1, k2 = jr.split(key)
+        self.weight_ih = jr.normal(k1, (hidden_size, input_size))
+        self.weight_hh = jr.normal(k2, (hidden_size, hidden_size))
+        self.bias_ih = self.bias_hh = None
+        self.input_size, self.hidden_size = input_size, hidden_size
+
+    @property
+    def output_size(self):
+        return self.hidden_size
+
+    def init_state(self):
+        return jnp.zeros(self.hidden_size)
+
+    def pointwise(self, gates_x, gates_h, state):
+        return gates_x + gates_h
+
+    def output(self, state):
+        return state
+
+
+def _stack(cfg, key, direction, **kwargs):
+    if direction != "bidirectional":
+        cells = make_cells(cfg, key)
+        return stackrnn.StackedRNN(cells, reverse=direction == "reverse", **kwargs)
+    cells, backward = [], []
+    size = cfg.input_size
+    for width, k in zip(cfg.widths, jr.split(key, cfg.num_layers)):
+        kf, kb = jr.split(k)
+        cells.append(make_cell(cfg.kind, size, width, bias=cfg.bias, key=kf))
+        backward.append(make_cell(cfg.kind, size, width, bias=cfg.bias, key=kb))
+        size = cells[-1].output_size + backward[-1].output_size
+    return stackrnn.StackedRNN(cells, backward_cells=backward, **kwargs)
+
+
+def _directions(stack, i):
+    """Layer `i`'s cells, each with whether it reads backwards and the slice of the
+    layer's output it writes."""
+    cells = [stack.cells[i]]
+    if stack.bidirectional:
+        cells.append(stack.backward_cells[i])
+    start = 0
+    for d, cell in enumerate(cells):
+        stop = start + cell.output_size
+        yield cell, stack.reverse or d == 1, slice(start, stop)
+        start = stop
+
+
+def _order(time, backwards):
+    return range(time - 1, -1, -1) if backwards else range(time)
+
+
+def _by_hand(stack, xs, step):
+    """The stack by Python loops over layers, directions and steps, each step
+    `state = step(cell, x, state)`, with residual connections when the stack has
+    them. Returns every layer's outputs and the final state."""
+    hs, outputs, finals = xs, [], []
+    for i in range(stack.num_layers):
+        ys = []
+        for cell, backwards, _ in _directions(stack, i):
+            state, out = cell.init_state(), [None] * len(xs)
+            for t in _order(len(xs), backwards):
+                state = step(cell, hs[t], state)
+                out[t] = cell.output(state)
+            ys.append(jnp.stack(out))
+            finals.append(state)
+        ys = jnp.concatenate(ys, axis=-1)
+        hs = ys + hs if stack.residual and i > 0 else ys
+        outputs.append(hs)
+    return tuple(outputs), stack._join(finals)
+
+
+def _plain_step(cell, x, state):
+    return cell(x, state)
+
+
+# --------------------------------------------------------------------------- rate 0
+
+
+@fewer()
+@given(cfg=configs(max_layers=3, max_time=4), direction=st.sampled_from(DIRECTIONS))
+def test_zero_rates_equal_the_plain_stack_bit_for_bit(cfg, direction):
+    kc, kx, kd = jr.split(jr.key(0), 3)
+    xs = inputs(cfg, kx)
+    want = _stack(cfg, kc, direction)(xs)
+    off = _stack(cfg, kc, direction, recurrent_dropout=0.0, zoneout=0.0, weight_drop=0)
+    assert tree_equal(off(xs, key=kd), want)
+    assert tree_equal(off(xs, inference=True), want)
+    with pytest.warns(UserWarning, match="`variational=True` has no effect"):
+        variational = _stack(cfg, kc, direction, variational=True)
+    assert tree_equal(variational(xs, key=kd), want)
+    if cfg.kind.startswith("lstm"):
+        pair = _stack(cfg, kc, direction, zoneout=(0.0, 0.0))
+        assert tree_equal(pair(xs, key=kd), want)
+    # Regularisers that draw masks are off at inference.
+    on = _stack(
+        cfg,
+        kc,
+        direction,
+        dropout=0.5 if cfg.num_layers > 1 else 0.0,
+        variational=cfg.num_layers > 1,
+        recurrent_dropout=0.5,
+        weight_drop=0.5,
+    )
+    assert tree_equal(on(xs, inference=True), want)
+    assert tree_equal(eqx.nn.inference_mode(on)(xs), want)
+
+
+# ---------------------------------------------------------- variational dropout
+
+
+@pytest.mark.parametrize("variational", [True, False])
+def test_variational_dropout_is_one_mask_per_sequence(variational, getkey):
+    p = 0.5
+    stack = stackrnn.StackedRNN(
+        [stackrnn.ElmanCell(3, 8, key=getkey()), _Echo(8)],
+        dropout=p,
+        variational=variational,
+    )
+    xs = jr.normal(getkey(), (10, 3))
+    key = getkey()
+    (below, dropped), _ = stack(xs, key=key, all_layers=True)
+    kept = np.asarray(dropped != 0)
+    # Inverted dropout of the layer below's outputs.
+    want = jnp.where(kept, below / (1 - p), 0.0)
+    assert tree_allclose(dropped, want, rtol=1e-6, atol=0)
+    same_over_time = (kept == kept[0]).all()
+    assert same_over_time == variational
+    # Another key, another mask; the same key, the same.
+    (_, again), _ = stack(xs, key=key, all_layers=True)
+    assert tree_equal(again, dropped)
+    (_, other), _ = stack(xs, key=getkey(), all_layers=True)
+    assert not np.array_equal(np.asarray(other != 0), kept)
+
+
+def test_variational_dropout_under_vmap_draws_per_example_masks(getkey):
+    stack = stackrnn.StackedRNN(
+        [stackrnn.ElmanCell(3, 8, key=getkey()), _Echo(8)],
+        dropout=0.5,
+        variational=True,
+    )
+    xs = jr.normal(getkey(), (4, 6, 3))
+    keys = jr.split(getkey(), 4)
+    ys, _ = jax.vmap(lambda x, k: stack(x, key=k))(xs, keys)
+    masks = np.asarray(ys != 0)
+    assert (masks == masks[:, :1]).all()  # constant over time in each example
+    assert len({m[0].tobytes() for m in masks}) > 1  # different across examples
+
+
+# ---------------------------------------------------------------- residual
+
+
+@fewer()
+@given(
+    cfg=configs(max_layers=3, max_time=4, same_width=True),
+    direction=st.sampled_from(DIRECTIONS),
+    seed=seeds,
+)
+def test_residual_equals_the_hand_written_sum(cfg, direction, seed):
+    kc, kx = jr.split(jr.key(seed))
+    stack = _stack(cfg, kc, direction, residual=cfg.num_layers > 1)
+    xs = inputs(cfg, kx)
+    outputs, final = stack(xs, all_layers=True)
+    want_outputs, want_final = _by_hand(stack, xs, _plain_step)
+    assert tree_allclose(outputs, want_outputs, **TOL)
+    assert tree_allclose(final, want_final, **TOL)
+    assert tree_equal(stack(xs)[0], outputs[-1])
+
+
+def test_residual_adds_the_input_before_dropout(getkey):
+    p = 0.5
+    stack = stackrnn.StackedRNN(
+        [stackrnn.ElmanCell(3, 6, key=getkey()), _Echo(6)], dropout=p, residual=True
+    )
+    (below, ys), _ = stack(jr.normal(getkey(), (5, 3)), key=getkey(), all_layers=True)
+    # Echo outputs its dropped input; the residual adds the undropped one.
+    kept = np.isclose(ys, below / (1 - p) + below, rtol=1e-6)
+    dropped = np.isclose(ys, below, rtol=1e-6)
+    assert (kept | dropped).all() and kept.any() and dropped.any()
+
+
+# ------------------------------------------------------------ recurrent dropout
+
+
+def _masked_loop(cell, xs, state, mask, backwards):
+    """Gal's recurrent dropout by hand: the previous output, masked, enters the
+    recurrent product; the state is carried as the cell computes it."""
+    out = [None] * len(xs)
+    for t in _order(len(xs), backwards):
+        gates_h = cell.weight_hh @ (mask * cell.output(state))
+        if cell.bias_hh is not None:
+            gates_h = gates_h + cell.bias_hh
+        state = cell.pointwise(cell.project_input(xs[t]), gates_h, state)
+        out[t] = cell.output(state)
+    return jnp.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["rnn_tanh", "gru", "lstm", "lstm_proj"])
+def test_recurrent_dropout_is_one_mask_per_sequence(kind, getkey):
+    """Trying every mask in {0, 1/(1-p)}^output on every layer and direction: exactly
+    one, held over the whole sequence, gives the stack's outputs."""
+    p = 0.5
+    cfg = Config(kind=kind, input_size=2, widths=(3, 3), bias=True, time=5)
+    stack = _stack(cfg, getkey(), "bidirectional", recurrent_dropout=p)
+    xs = inputs(cfg, getkey())
+    masks_seen = []
+    for key in jr.split(getkey(), 3):
+        outputs, _ = stack(xs, key=key, all_layers=True)
+        layer_input = xs
+        for i, ys in enumerate(outputs):
+            for cell, backwards, part in _directions(stack, i):
+                candidates = jnp.array(
+                    list(itertools.product([0.0, 1 / (1 - p)], repeat=cell.output_size))
+                )
+                runs = jax.jit(
+                    jax.vmap(
+                        lambda m: _masked_loop(
+                            cell, layer_input, cell.init_state(), m, backwards
+                        )
+                    )
+                )(candidates)
+                match = [
+                    j
+                    for j in range(len(candidates))
+                    if np.allclose(runs[j], ys[:, part], **TOL)
+                ]
+                assert len(match) == 1, match
+                masks_seen.append((i, backwards, match[0]))
+            layer_input = ys
+    # Each key draws its own masks, and so does each direction.
+    per_key = np.array([m[2] for m in masks_seen]).reshape(3, 2, 2)
+    assert not (per_key == per_key[0]).all()
+    assert not (per_key[..., 0] == per_key[..., 1]).all()
+
+
+# ----------------------------------------------------------------------- zoneout
+
+
+def _check_keeps_or_updates(prev, now, new):
+    """Each unit of `now` is its previous value or the cell's new one. Returns where
+    it kept the previous value, among the units where the two differ."""
+    prev, now, new = (np.asarray(a) for a in (prev, now, new))
+    kept = np.isclose(now, prev, **TOL)
+    updated = np.isclose(now, new, **TOL)
+    assert (kept | updated).all()
+    return kept[~updated]
+
+
+@fewer()
+@given(
+    cfg=configs(kinds=("rnn_tanh", "gru"), max_layers=2, max_time=5),
+    direction=st.sampled_from(DIRECTIONS),
+    data=st.data(),
+    seed=seeds,
+)
+def test_zoneout_keeps_or_updates_each_unit(cfg, direction, data, seed):
+    """Elman and GRU cells output their state, so every step can be checked: each
+    unit holds its previous value or takes the cell's new one. With `length`, the
+    steps from `length` on are not read."""
+    length = data.draw(st.integers(1, cfg.time))
+    kc, kx, kd = jr.split(jr.key(seed), 3)
+    stack = _stack(cfg, kc, direction, zoneout=0.5)
+    xs = inputs(cfg, kx)
+    outputs, final = stack(xs, key=kd, length=length, all_layers=True)
+    layer_input, finals = xs, []
+    for i, ys in enumerate(outputs):
+        for cell, backwards, part in _directions(stack, i):
+            prev = cell.init_state()
+            for t in _order(length, backwards):
+                _check_keeps_or_updates(prev, ys[t, part], cell(layer_input[t], prev))
+                prev = ys[t, part]
+            assert not jnp.any(ys[length:, part])
+            finals.append(prev)
+        layer_input = ys
+    assert tree_allclose(final, stack._join(finals), **TOL)
+
+
+def test_zoneout_masks_are_fresh_each_step_at_rate_p(getkey):
+    p = 0.3
+    stack = stackrnn.GRU(4, 64, zoneout=p, key=getkey())
+    xs = jr.normal(getkey(), (40, 4))
+    ys, _ = stack(xs, key=getkey())
+    cell, prev, kept, clear = stack.cells[0], stack.init_state()[0], [], []
+    for t in range(len(xs)):
+        new = cell(xs[t], prev)
+        kept.append(np.isclose(ys[t], prev, **TOL) & ~np.isclose(ys[t], new, **TOL))
+        # Where the previous and new values differ, the output shows the mask.
+        clear.append(~np.isclose(prev, new, rtol=1e-3, atol=1e-3))
+        prev = ys[t]
+    kept, clear = np.array(kept), np.array(clear)
+    # Fresh masks: units kept at some steps are updated at others.
+    changes = [len(set(k[c])) == 2 for k, c in zip(kept.T, clear.T)]
+    assert np.mean(changes) > 0.5
+    rate, n = kept[clear].mean(), clear.sum()
+    assert abs(rate - p) < 5 * np.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("rates", [(0.5, 0.5), (0.0, 0.5), (0.5, 0.0)])
+def test_zoneout_on_lstm_hidden_and_cell_states(rates, getkey):
+    """One step from a random state: `h` and `c` each keep or update unit by unit at
+    their own rate, and the new `h` is computed from the new, un-zoned `c`
+    (Krueger et al.'s LSTM)."""
+    cell = stackrnn.LSTMCell(3, 16, key=getkey())
+    stack = stackrnn.StackedRNN([cell], zoneout=rates)
+    h0, c0 = jr.normal(getkey(), (2, 16))
+    x = jr.normal(getkey(), (1, 3))
+    _, (h1, c1) = stack(x, (h0[None], c0[None]), key=getkey())
+    new_h, new_c = cell(x[0], (h0, c0))
+    for rate, prev, now, new in (
+        (rates[0], h0, h1[0], new_h),
+        (rates[1], c0, c1[0], new_c),
+    ):
+        kept = _check_keeps_or_updates(prev, now, new)
+        assert kept.any() == (rate > 0)
+
+
+@fewer()
+@given(
+    cfg=configs(max_layers=2, max_time=4),
+    direction=st.sampled_from(DIRECTIONS),
+    pair=st.booleans(),
+    seed=seeds,
+)
+def test_zoneout_at_inference_is_the_expectation(cfg, direction, pair, seed):
+    rates = (0.3, 0.6) if pair and cfg.kind.startswith("lstm") else (0.4,)
+    kc, kx = jr.split(jr.key(seed))
+    stack = _stack(cfg, kc, direction, zoneout=rates if len(rates) == 2 else rates[0])
+    xs = inputs(cfg, kx)
+
+    def expectation(cell, x, state):
+        new = cell(x, state)
+        leaves = zip(jax.tree.leaves(state), jax.tree.leaves(new))
+        mixed = [p * s + (1 - p) * n for p, (s, n) in zip(rates * 2, leaves)]
+        return jax.tree.unflatten(jax.tree.structure(state), mixed)
+
+    outputs, final = stack(xs, inference=True, all_layers=True)
+    want_outputs, want_final = _by_hand(stack, xs, expectation)
+    assert tree_allclose(outputs, want_outputs, **TOL)
+    assert tree_allclose(final, want_final, **TOL)
+
+
+def test_zoneout_respects_resets(getkey):
+    """A reset restarts every segment from `init_state()`: at inference, the same as
+    running the segments one by one."""
+    stack = stackrnn.LSTM(3, 5, 2, zoneout=(0.2, 0.4), key=getkey())
+    xs = jr.normal(getkey(), (7, 3))
+    ys, state = stack(xs, resets=jnp.arange(7) == 3, inference=True)
+    ys_a, _ = stack(xs[:3], inference=True)
+    ys_b, state_b = stack(xs[3:], inference=True)
+    assert tree_allclose(ys, jnp.concatenate([ys_a, ys_b]), **TOL)
+    assert tree_allclose(state, state_b, **TOL)
+
+
+# ------------------------------------------------------------------- weight drop
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_weight_drop_is_one_mask_per_sequence(fast, getkey):
+    """A linear cell from the unit states e_j and zero inputs: its first outputs are
+    the columns of the masked `weight_hh`, and every later step multiplies by the
+    same masked matrix. The batch shares one key, so one mask."""
+    p, size = 0.5, 5
+    cell = _Linear(1, size, getkey())
+    stack = stackrnn.StackedRNN([cell], weight_drop=p, fast=fast)
+    xs = jnp.zeros((3, 1))
+
+    def masked_weights(key):
+        ys, _ = jax.vmap(lambda s: stack(xs, s[None], key=key))(jnp.eye(size))
+        weights = ys[:, 0].T  # column j is the output from e_j
+        for t in (1, 2):  # the same matrix at every step
+            assert tree_allclose(ys[:, t], ys[:, t - 1] @ weights.T, **TOL)
+        return weights
+
+    key = getkey()
+    weights = masked_weights(key)
+    scaled = cell.weight_hh / (1 - p)
+    dropped = np.isclose(weights, 0.0)
+    assert (dropped | np.isclose(weights, scaled, **TOL)).all()
+    assert 0 < dropped.mean() < 1
+    assert tree_equal(masked_weights(key), weights)
+    assert not tree_allclose(masked_weights(getkey()), weights)
+
+
+def test_weight_drop_under_vmap_with_a_key_per_example(getkey):
+    """Batched keys draw one mask per example."""
+    cell = _Linear(1, 6, getkey())
+    stack = stackrnn.StackedRNN([cell], weight_drop=0.5)
+    unit = jnp.zeros((1, 6)).at[0, 0].set(1.0)
+    keys = jr.split(getkey(), 4)
+    ys, _ = jax.vmap(lambda k: stack(jnp.zeros((1, 1)), unit, key=k))(keys)
+    columns = np.asarray(ys[:, 0])
+    assert len({c.tobytes() for c in columns}) > 1
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_weight_drop_fast_path_equals_reference(kind, getkey):
+    """Values and gradients under `vmap` with a key per example (one masked weight
+    matrix each), in float64."""
+    with x64(True):
+        cfg = Config(kind=kind, input_size=3, widths=(4, 4), bias=True, time=4)
+        cells = jax.tree.map(lambda a: a.astype(jnp.float64), make_cells(cfg, getkey()))
+        xs = jr.normal(getkey(), (2, 4, 3), jnp.float64)
+        keys = jr.split(getkey(), 2)
+
+        def loss(model):
+            ys, state = jax.vmap(lambda x, k: model(x, key=k))(xs, keys)
+            out = jnp.sum(jnp.sin(ys))
+            return out + sum(jnp.sum(s**2) for s in jax.tree.leaves(state))
+
+        fast = stackrnn.StackedRNN(cells, weight_drop=0.4, fast=True)
+        reference = stackrnn.StackedRNN(cells, weight_drop=0.4, fast=False)
+        assert tree_allclose(loss(fast), loss(reference), rtol=1e-10, atol=1e-10)
+        got = eqx.filter_jit(eqx.filter_grad(loss))(fast)
+        want = eqx.filter_grad(loss)(reference)
+        assert tree_allclose(got.cells, want.cells, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _reads_fast_path(stack, **kwargs):
+    jaxpr = str(jax.make_jaxpr(lambda x: stack(x, **kwargs))(jnp.zeros((2, 2))))
+    return "custom_jvp_call" in jaxpr
+
+
+@pytest.mark.parametrize(
+    "option, fast",
+    [
+        (dict(weight_drop=0.5), True),
+        (dict(residual=True, dropout=0.5, variational=True), True),
+        (dict(recurrent_dropout=0.5), False),
+        (dict(zoneout=0.5), False),
+    ],
+)
+def test_which_options_keep_the_fast_path(option, fast):
+    """Traced, not run, at a width that takes the fast path by default."""
+    stack = stackrnn.GRU(2, 512, num_layers=2, key=jr.key(0), **option)
+    assert _reads_fast_path(stack, key=jr.key(1)) == fast
+    if "zoneout" in option:  # the expectation also runs on the reference path
+        assert not _reads_fast_path(stack, inference=True)
+
+
+@pytest.mark.parametrize("option", ["recurrent_dropout", "zoneout"])
+def test_loop_options_take_the_reference_path(option, getkey):
+    """Asked for the fast path, the options that act inside the loop give the
+    reference path's numbers."""
+    cells = [stackrnn.GRUCell(3, 4, key=getkey())]
+    xs = jr.normal(getkey(), (5, 3))
+    key = getkey()
+    fast = stackrnn.StackedRNN(cells, fast=True, **{option: 0.5})(xs, key=key)
+    reference = stackrnn.StackedRNN(cells, fast=False, **{option: 0.5})(xs, key=key)
+    assert tree_equal(fast, reference)
+
+
+# ------------------------------------------------- keys, transforms and step
+
+
+ALL_ON = dict(
+    dropout=0.3,
+    variational=True,
+    recurrent_dropout=0.3,
+    zoneout=0.3,
+    weight_drop=0.3,
+    residual=True,
+)
+
+
+@fewer()
+@given(
+    cfg=configs(
+        kinds=("rnn_tanh", "gru", "lstm"), max_layers=2, max_time=4, same_width=True
+    ),
+    direction=st.sampled_from(DIRECTIONS),
+    seed=seeds,
+)
+def test_keyed_and_consistent_under_jit_vmap_and_grad(cfg, direction, seed):
+    kc, kx, k1, k2 = jr.split(jr.key(seed), 4)
+    options = dict(ALL_ON)
+    if cfg.num_layers == 1:
+        options.update(dropout=0.0, variational=False, residual=False)
+    stack = _stack(cfg, kc, direction, **options)
+    xs = inputs(cfg, kx, batch=3)
+    keys = jr.split(k1, 3)
+    call = eqx.filter_jit(lambda x, k: stack(x, key=k))
+    one = call(xs[0], keys[0])
+    assert tree_equal(call(xs[0], keys[0]), one)
+    assert not tree_allclose(call(xs[0], k2), one)
+    batched = eqx.filter_jit(jax.vmap(call))(xs, keys)
+    for b in range(3):
+        example = jax.tree.map(lambda a: a[b], batched)
+        assert tree_allclose(example, call(xs[b], keys[b]), **TOL)
+
+    def loss(model):
+        ys, state = jax.vmap(lambda x, k: model(x, key=k))(xs, keys)
+        return jnp.sum(ys**2) + sum(jnp.sum(s**2) for s in jax.tree.leaves(state))
+
+    grads = eqx.filter_jit(eqx.filter_grad(loss))(stack)
+    leaves = jax.tree.leaves(grads)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert any(bool(jnp.any(g != 0)) for g in leaves)
+
+
+@fewer()
+@given(
+    cfg=configs(max_layers=3, max_time=4, same_width=True),
+    reverse=st.booleans(),
+    seed=seeds,
+)
+def test_step_at_inference_equals_the_call_with_every_option(cfg, reverse, seed):
+    kc, kx = jr.split(jr.key(seed))
+    options = dict(ALL_ON, residual=cfg.num_layers > 1)
+    if cfg.num_layers == 1:
+        options.update(dropout=0.0, variational=False)
+    stack = stackrnn.StackedRNN(make_cells(cfg, kc), reverse=reverse, **options)
+    xs = inputs(cfg, kx)
+    ys, final = stack(xs, inference=True)
+    state = stack.init_state()
+    step = eqx.filter_jit(lambda x, s: stack.step(x, s, inference=True))
+    for t in _order(cfg.time, reverse):
+        y, state = step(xs[t], state)
+        assert tree_allclose(y, ys[t], **TOL)
+    assert tree_allclose(state, final, **TOL)
+
+
+def test_step_in_training(getkey):
+    """Zoneout, dropout and residual connections step with a key per step; the
+    options that hold one mask per sequence are refused."""
+    stack = stackrnn.GRU(3, 4, 3, dropout=0.5, zoneout=0.5, residual=True, key=getkey())
+    x, state, k1, k2 = jr.normal(getkey(), (3,)), stack.init_state(), getkey(), getkey()
+    with pytest.raises(RuntimeError, match=r"`dropout` \(=0.5\), `zoneout` \(=0.5\)"):
+        stack.step(x, state)
+    assert tree_equal(stack.step(x, state, key=k1), stack.step(x, state, key=k1))
+    assert not tree_equal(stack.step(x, state, key=k1), stack.step(x, state, key=k2))
+    for option in ("variational", "recurrent_dropout", "weight_drop"):
+        value = True if option == "variational" else 0.5
+        per_sequence = stackrnn.GRU(3, 4, 2, dropout=0.5, key=k1, **{option: value})
+        with pytest.raises(ValueError, match=f"`{option}` draw one mask per sequence"):
+            per_sequence.step(x, per_sequence.init_state(), key=k2)
+        per_sequence.step(x, per_sequence.init_state(), inference=True)
+        eqx.nn.inference_mode(per_sequence).step(x, per_sequence.init_state())
+
+
+# ----------------------------------------------------------------- errors
+
+
+def test_missing_key_names_the_options(getkey):
+    stack = stackrnn.LSTM(3, 4, zoneout=(0.1, 0.2), weight_drop=0.3, key=getkey())
+    with pytest.raises(RuntimeError) as info:
+        stack(jnp.ones((2, 3)))
+    message = str(info.value)
+    assert "`zoneout` (=(0.1, 0.2)), `weight_drop` (=0.3)" in message
+    assert "requires a `key`" in message and "`inference=True`" in message
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(recurrent_dropout=1.0), ("`recurrent_dropout`", "[0, 1)", "got 1.0")),
+        (dict(weight_drop=-0.1), ("`weight_drop`", "[0, 1)", "got -0.1")),
+        (dict(zoneout="0.1"), ("`zoneout`", "number", "got '0.1'")),
+        (dict(zoneout=(0.1, 1.0)), ("`zoneout[1]`", "[0, 1)", "got 1.0")),
+        (dict(zoneout=(0.1, 0.2)), ("`zoneout` (=(0.1, 0.2))", "2 rates", "1 array")),
+        (dict(variational=1), ("`variational`", "bool", "got 1")),
+        (dict(residual="yes"), ("`residual`", "bool", "got 'yes'")),
+    ],
+)
+def test_bad_regulariser_options(kwargs, words):
+    with pytest.raises((ValueError, TypeError)) as info:
+        stackrnn.GRU(3, 4, 2, dropout=0.1, key=jr.key(0), **kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_residual_needs_equal_widths(getkey):
+    with pytest.raises(ValueError) as info:
+        stackrnn.GRU(3, [4, 5], 2, residual=True, key=getkey())
+    for word in ("`residual=True`", "layer 1", "`cells[1]`", "reads 4", "outputs 5"):
+        assert word in str(info.value)
+    # The bottom layer may change the width.
+    stackrnn.GRU(3, 4, 2, residual=True, key=getkey())
+
+
+@pytest.mark.parametrize("option", ["recurrent_dropout", "weight_drop"])
+def test_product_options_need_affine_cells(option, getkey):
+    cells = [stackrnn.GRUCell(3, 4, key=getkey()), _Echo(4)]
+    with pytest.raises(TypeError, match=f"`{option}` .* `cells\\[1\\]` is a _Echo"):
+        stackrnn.StackedRNN(cells, **{option: 0.2})
+    stackrnn.StackedRNN(cells, zoneout=0.2)  # zoneout works with any cell
+
+
+def test_options_without_effect_warn(getkey):
+    with pytest.warns(UserWarning, match="`variational=True` has no effect"):
+        stackrnn.GRU(3, 4, 2, variational=True, key=getkey())
+    with pytest.warns(UserWarning, match="`residual=True` has no effect"):
+        stackrnn.GRU(3, 4, 1, residual=True, key=getkey())
+
+
+def test_constructors_pass_the_options(getkey):
+    for make in (stackrnn.RNN, stackrnn.GRU, stackrnn.LSTM):
+        stack = make(3, 4, 2, key=getkey(), **ALL_ON)
+        for name, value in ALL_ON.items():
+            assert getattr(stack, name) == value
+
+
+def test_pytorch_module_refuses_what_it_cannot_compute(getkey):
+    pytest.importorskip("torch")
+    from stackrnn.interop.torch import to_torch, to_torch_module
+
+    for option in (dict(residual=True), dict(zoneout=0.1)):
+        stack = stackrnn.GRU(3, 4, 2, key=getkey(), **option)
+        name = next(iter(option))
+        with pytest.raises(ValueError, match=f"no `{name}`"):
+            to_torch_module(stack)
+        to_torch(stack)  # the weights still export
+    to_torch_module(stackrnn.GRU(3, 4, 2, weight_drop=0.5, key=getkey()))
