@@ -11,7 +11,7 @@ from ._checkpoint import Checkpoint
 from ._constructors import GRU, LSTM, RNN
 from ._data import CharData, load_text
 from ._generate import generate
-from ._init import NormalInit, PyTorchInit
+from ._init import NormalInit, OrthogonalInit, PyTorchInit
 from ._lm import RNNLM
 from ._train import default_optimizer, fit, plot_history
 
@@ -19,6 +19,18 @@ from ._train import default_optimizer, fit, plot_history
 # The seed's run (d2l, chapter "Deep Recurrent Neural Networks"). `init` is None:
 # d2l's normal(0.01) for `--cell rnn` (StackedRNNScratch), PyTorch's otherwise; `lr`
 # is None: the seed's 2 for SGD, Adam's usual 0.001 for Adam.
+# Options added after the first checkpoint format, with the values that reproduce
+# what runs saved before them did.
+_ADDED = dict(
+    optimizer="sgd",
+    variational=False,
+    recurrent_dropout=0.0,
+    zoneout=0.0,
+    weight_drop=0.0,
+    residual=False,
+    layer_norm=False,
+    forget_bias=None,
+)
 DEFAULTS = dict(
     cell="gru",
     layers=2,
@@ -26,7 +38,6 @@ DEFAULTS = dict(
     init=None,
     embedding=0,
     dropout=0.0,
-    optimizer="sgd",
     lr=None,
     clip=1.0,
     epochs=100,
@@ -35,13 +46,14 @@ DEFAULTS = dict(
     num_train=10000,
     num_val=5000,
     seed=0,
+    **_ADDED,
 )
 # May change when a run is resumed; everything else must match the checkpoint.
 _RESUMABLE = {"epochs", "data"}
-# Options added after the first checkpoint format, with the values that reproduce
-# what runs saved before them did.
-_ADDED = dict(optimizer="sgd")
 _LEARNING_RATES = dict(sgd=2.0, adam=0.001)
+_INITS = dict(
+    pytorch=PyTorchInit(), normal=NormalInit(0.01), orthogonal=OrthogonalInit()
+)
 _CURVES = "curves.png"
 
 
@@ -100,12 +112,36 @@ def _parser() -> argparse.ArgumentParser:
     add("--hidden", type=_count(1), help="hidden units per layer (32)")
     add(
         "--init",
-        choices=("pytorch", "normal"),
-        help="parameter init: PyTorch's uniform, or d2l's normal(0.01) "
-        "(default: normal for rnn, pytorch otherwise)",
+        choices=tuple(_INITS),
+        help="parameter init: PyTorch's uniform, d2l's normal(0.01), or PyTorch's "
+        "with orthogonal recurrent weights (default: normal for rnn, pytorch "
+        "otherwise)",
     )
     add("--embedding", type=_count(0), help="embedding size; 0 for one-hot (0)")
     add("--dropout", type=_number(0, below=1), help="dropout between layers (0)")
+    add(
+        "--variational",
+        action="store_true",
+        help="--dropout draws one mask per sequence, not per step",
+    )
+    add(
+        "--recurrent-dropout",
+        type=_number(0, below=1),
+        help="dropout of h where it enters the recurrent product (0)",
+    )
+    add("--zoneout", type=_number(0, below=1), help="zoneout rate of the states (0)")
+    add(
+        "--weight-drop",
+        type=_number(0, below=1),
+        help="DropConnect on the recurrent weights (0)",
+    )
+    add("--residual", action="store_true", help="residual connections, layers 2..L")
+    add("--layer-norm", action="store_true", help="layer-normalised gru/lstm cells")
+    add(
+        "--forget-bias",
+        type=_number(float("-inf")),
+        help="lstm: the forget gate's starting bias (the init's draw)",
+    )
     add("--optimizer", choices=("sgd", "adam"), help="after gradient clipping (sgd)")
     add(
         "--lr",
@@ -143,7 +179,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build_model(hp: dict, vocab_size: int, key) -> RNNLM:
-    init = PyTorchInit() if hp["init"] == "pytorch" else NormalInit(0.01)
+    init = _INITS[hp["init"]]
+    options = {}
+    if hp["cell"] != "rnn":
+        options["layer_norm"] = hp["layer_norm"]
+    if hp["cell"] == "lstm":
+        options["forget_bias"] = hp["forget_bias"]
     make = {"rnn": RNN, "gru": GRU, "lstm": LSTM}[hp["cell"]]
     rnn_key, lm_key = jax.random.split(key)
     rnn = make(
@@ -151,8 +192,14 @@ def _build_model(hp: dict, vocab_size: int, key) -> RNNLM:
         hp["hidden"],
         hp["layers"],
         dropout=hp["dropout"],
+        variational=hp["variational"],
+        recurrent_dropout=hp["recurrent_dropout"],
+        zoneout=hp["zoneout"],
+        weight_drop=hp["weight_drop"],
+        residual=hp["residual"],
         init=init,
         key=rnn_key,
+        **options,
     )
     return RNNLM(rnn, vocab_size, embedding=hp["embedding"] > 0, init=init, key=lm_key)
 
@@ -202,6 +249,10 @@ def _train(args: dict) -> None:
             hp["init"] = "normal" if hp["cell"] == "rnn" else "pytorch"
         if hp["lr"] is None:
             hp["lr"] = _LEARNING_RATES[hp["optimizer"]]
+        if hp["layer_norm"] and hp["cell"] == "rnn":
+            raise ValueError("`--layer-norm` needs `--cell gru` or `--cell lstm`")
+        if hp["forget_bias"] is not None and hp["cell"] != "lstm":
+            raise ValueError("`--forget-bias` needs `--cell lstm`")
         vocab, history = None, None
     text = load_text(hp["data"])
     sha1 = hashlib.sha1(text.encode()).hexdigest()

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 import stackrnn
-from stackrnn._cli import main
+from stackrnn._cli import _new_state, main
 
 from .test_data import TIME_MACHINE
 
@@ -176,3 +176,31 @@ def test_checkpoint_from_before_the_optimizer_flag_resumes(text_file, tmp_path):
     assert run("train", "--out", out, "--resume", "--epochs", "3", "--quiet") == 0
     assert len(json.loads(path.read_text())["history"]["train_ppl"]) == 3
     assert run("generate", "--checkpoint", out, "--num-chars", "5") == 0
+
+
+def test_regulariser_and_cell_flags(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = [
+        "--cell", "lstm", "--layers", "3", "--dropout", "0.2", "--variational",
+        "--recurrent-dropout", "0.1", "--zoneout", "0.05", "--weight-drop", "0.2",
+        "--residual", "--layer-norm", "--forget-bias", "1", "--init", "orthogonal",
+    ]  # fmt: skip
+    assert run("train", "--data", text_file, "--out", out, *SMALL, *flags) == 0
+    saved = stackrnn.Checkpoint.read(out)
+    hp = saved.hyperparameters
+    model, _, _ = _new_state(hp, len(saved.vocab), jax.random.key(0))
+    rnn = model.rnn
+    assert (rnn.dropout, rnn.variational, rnn.residual) == (0.2, True, True)
+    assert (rnn.recurrent_dropout, rnn.weight_drop) == (0.1, 0.2)
+    assert jax.tree.leaves(rnn.zoneout) == [0.05]
+    assert all(isinstance(c, stackrnn.LayerNormLSTMCell) for c in rnn.cells)
+    assert hp["init"] == "orthogonal" and hp["forget_bias"] == 1.0
+    assert run("generate", "--checkpoint", out, "--num-chars", "5") == 0
+    capsys.readouterr()
+    for argv, message in [
+        (["--cell", "rnn", "--layer-norm"], "`--layer-norm` needs `--cell gru`"),
+        (["--forget-bias", "1"], "`--forget-bias` needs `--cell lstm`"),
+        (["--zoneout", "1"], "--zoneout: expected a number >= 0 and < 1, got 1"),
+    ]:
+        assert run("train", "--data", text_file, "--out", tmp_path / "x", *argv) == 2
+        assert message in capsys.readouterr().err
