@@ -190,6 +190,11 @@ def zoneout_masks(
     )
 
 
+def drop_weight(cell: AbstractCell, p: float, key: PRNGKeyArray) -> AbstractCell:
+    """DropConnect: `cell` with one inverted-dropout mask on its `weight_hh`."""
+    return eqx.tree_at(lambda c: c.weight_hh, cell, dropout(cell.weight_hh, p, key))
+
+
 def regularise_cell(
     cell: AbstractCell,
     xs: Float[Array, "time input"],
@@ -215,8 +220,7 @@ def regularise_cell(
         return cell, xs
     k_weight, k_recurrent, k_zoneout = jax.random.split(key, 3)
     if weight_drop > 0:
-        dropped = dropout(cell.weight_hh, weight_drop, k_weight)
-        cell = eqx.tree_at(lambda c: c.weight_hh, cell, dropped)
+        cell = drop_weight(cell, weight_drop, k_weight)
     if recurrent_dropout > 0:
         ones = jnp.ones_like(cell.output(cell.init_state()))
         cell = RecurrentDropout(cell, dropout(ones, recurrent_dropout, k_recurrent))

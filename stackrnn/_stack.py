@@ -1,5 +1,6 @@
 """`StackedRNN`: a tuple of cells folded over layers, each layer scanned over time."""
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 
@@ -22,6 +23,7 @@ from ._layer import run_layer
 from ._regularise import (
     check_affine,
     check_zoneout,
+    drop_weight,
     dropout as _dropout,
     regularise_cell,
     split_keys,
@@ -340,6 +342,43 @@ class StackedRNN(eqx.Module):
         if self.residual and i > 0:
             hs = hs + below
         return hs, finals
+
+    def drop_weights(self, key: PRNGKeyArray) -> "StackedRNN":
+        """Draws the `weight_drop` masks once, for every sequence the result reads.
+
+        `__call__` draws one DropConnect mask per sequence. Under `jax.vmap` with a
+        key per example that makes one `weight_hh` per example: memory of
+        `batch x gates x hidden` per layer, and batched matrix-vector products in
+        place of one matrix product (on CPU, 2 x 256 GRU, batch 1024: about 20x
+        slower, see the regularisation page). AWD-LSTM instead draws one mask per
+        batch: call `drop_weights` outside `jax.vmap` and the returned stack, whose
+        `weight_drop` is 0, inside it. [`stackrnn.fit`][] does so.
+
+        **Arguments:**
+
+        - `key`: a `jax.random.PRNGKey`; one mask per layer and direction is drawn
+          from it.
+
+        **Returns:**
+
+        A copy of the stack with every cell's `weight_hh` masked (survivors scaled
+        by `1 / (1 - weight_drop)`) and `weight_drop=0`; the stack itself when
+        `weight_drop` is 0.
+        """
+        if self.weight_drop == 0:
+            return self
+        cells = [
+            drop_weight(cell, self.weight_drop, k)
+            for cell, k in zip(
+                self._all_cells(), jax.random.split(key, len(self._all_cells()))
+            )
+        ]
+        step = 2 if self.bidirectional else 1
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields.update(cells=cells[::step], weight_drop=0.0)
+        if self.bidirectional:
+            fields.update(backward_cells=cells[1::2])
+        return StackedRNN(**fields)
 
     def init_state(self) -> StackState:
         """Every layer's zero state: an array of shape `(num_layers, hidden_size)`

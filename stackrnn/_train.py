@@ -94,7 +94,13 @@ def _batch_loss(model, x, y, mask, key, inference, num_keys=None):
 
     The dropout keys are `split(key, num_keys)` (default: one per window), repeated
     over windows beyond `num_keys`: a batch padded for several devices draws the
-    masks of the unpadded one."""
+    masks of the unpadded one. Weight drop draws one mask for the whole batch, as
+    AWD-LSTM does (`StackedRNN.drop_weights`): one per window would multiply the
+    recurrent weights by the batch size."""
+    training = not (model.rnn.inference if inference is None else inference)
+    if training and model.rnn.weight_drop > 0:
+        key, weight_key = jax.random.split(key)
+        model = eqx.tree_at(lambda m: m.rnn, model, model.rnn.drop_weights(weight_key))
     keys = jax.random.split(key, num_keys or x.shape[0])
     if keys.shape[0] < x.shape[0]:
         keys = keys[jnp.arange(x.shape[0]) % keys.shape[0]]
@@ -183,6 +189,9 @@ def fit(
     `key`, its number and the state before it, a run resumed from the model,
     optimiser state and history saved after epoch `k` continues exactly as the
     uninterrupted run, bit for bit.
+
+    Dropout masks are drawn per window, except weight drop's: one mask per batch
+    (AWD-LSTM's choice; see [`stackrnn.StackedRNN.drop_weights`][]).
 
     **Arguments:**
 

@@ -469,6 +469,45 @@ def test_weight_drop_under_vmap_with_a_key_per_example(getkey):
     assert len({c.tobytes() for c in columns}) > 1
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_drop_weights_draws_the_masks_once(bidirectional, getkey):
+    """`drop_weights` masks every cell's `weight_hh` (entries 0 or W/(1-p), one mask
+    per layer and direction) and nothing else; the result, with `weight_drop=0`,
+    reads every sequence with those weights, so identical sequences of a batch give
+    identical outputs with a key each."""
+    p = 0.5
+    stack = stackrnn.GRU(
+        3, 6, num_layers=2, weight_drop=p, bidirectional=bidirectional, key=getkey()
+    )
+    key = getkey()
+    shared = stack.drop_weights(key)
+    assert shared.weight_drop == 0 and shared.bidirectional == bidirectional
+    masks = []
+    for before, after in zip(stack._all_cells(), shared._all_cells()):
+        w, dropped = np.asarray(before.weight_hh), np.asarray(after.weight_hh)
+        zero = dropped == 0
+        assert np.allclose(dropped[~zero], w[~zero] / (1 - p), rtol=1e-6)
+        assert 0 < zero.mean() < 1
+        masks.append(zero)
+        rest = lambda c: (c.weight_ih, c.bias_ih, c.bias_hh)  # noqa: E731
+        assert tree_equal(rest(before), rest(after))
+    assert len({m.tobytes() for m in masks}) == len(masks)
+    assert tree_equal(stack.drop_weights(key), shared)
+    assert not tree_equal(stack.drop_weights(getkey()), shared)
+
+    xs = jnp.broadcast_to(jr.normal(getkey(), (7, 3)), (4, 7, 3))
+    ys, _ = jax.vmap(lambda x, k: shared(x, key=k))(xs, jr.split(getkey(), 4))
+    assert all(tree_equal(ys[0], y) for y in ys[1:])
+    # The stack itself draws a mask per sequence: identical sequences differ.
+    ys, _ = jax.vmap(lambda x, k: stack(x, key=k))(xs, jr.split(getkey(), 4))
+    assert not tree_allclose(ys[0], ys[1])
+
+
+def test_drop_weights_without_weight_drop_is_the_stack(getkey):
+    stack = stackrnn.LSTM(3, 5, num_layers=2, dropout=0.2, key=getkey())
+    assert stack.drop_weights(getkey()) is stack
+
+
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_weight_drop_fast_path_equals_reference(kind, getkey):
     """Values and gradients under `vmap` with a key per example (one masked weight

@@ -251,3 +251,22 @@ def test_bad_devices(data, getkey):
         stackrnn.fit(model, data, epochs=1, key=getkey(), devices=0)
     with pytest.raises(ValueError, match=r"`devices` \(=99\) must be at most"):
         stackrnn.fit(model, data, epochs=1, key=getkey(), devices=99)
+
+
+def test_weight_drop_is_one_mask_per_batch(data, getkey):
+    """With weight drop the only mask, a batch of copies of one window has the loss
+    of that window alone under the same key: every window of a batch reads the same
+    masked weights. (With a mask per window, the copies' losses would differ.)"""
+    k1, k2 = jax.random.split(getkey())
+    rnn = stackrnn.GRU(len(data.vocab), 16, 2, weight_drop=0.5, key=k1)
+    model = stackrnn.RNNLM(rnn, len(data.vocab), key=k2)
+    x, y = data.train_x[:1], data.train_y[:1]
+    xs, ys = jnp.repeat(x, 8, axis=0), jnp.repeat(y, 8, axis=0)
+    key = getkey()
+    one = _batch_loss(model, x, y, jnp.ones(1), key, False)
+    batch = _batch_loss(model, xs, ys, jnp.ones(8), key, False)
+    assert np.allclose(one, batch, rtol=1e-6)
+    other = _batch_loss(model, x, y, jnp.ones(1), getkey(), False)
+    assert not np.allclose(one, other)
+    plain = _batch_loss(model, x, y, jnp.ones(1), key, True)
+    assert not np.allclose(one, plain)
