@@ -80,13 +80,11 @@ def _rates(zoneout, state) -> tuple[float, ...]:
     return (zoneout,) * len(jax.tree.leaves(state))
 
 
-class RecurrentDropout(AbstractCell):
-    """`cell` with its previous output masked where it enters the recurrent product:
-    `pointwise(project_input(x), weight_hh @ (mask * output(state)) + bias_hh,
-    state)`. The state itself is carried unmasked (a GRU's `z * h`, an LSTM's `c`)."""
+class _Wrapper(AbstractCell):
+    """A cell that runs `cell` with a regulariser: sizes, state and output are
+    `cell`'s."""
 
-    cell: AbstractAffineCell
-    mask: Float[Array, " output"]
+    cell: eqx.AbstractVar[AbstractCell]
 
     @property
     def input_size(self) -> int:
@@ -103,6 +101,18 @@ class RecurrentDropout(AbstractCell):
     def init_state(self) -> State:
         return self.cell.init_state()
 
+    def output(self, state):
+        return self.cell.output(state)
+
+
+class RecurrentDropout(_Wrapper):
+    """`cell` with its previous output masked where it enters the recurrent product:
+    `pointwise(project_input(x), weight_hh @ (mask * output(state)) + bias_hh,
+    state)`. The state itself is carried unmasked (a GRU's `z * h`, an LSTM's `c`)."""
+
+    cell: AbstractAffineCell
+    mask: Float[Array, " output"]
+
     def project_input(self, x):
         return self.cell.project_input(x)
 
@@ -113,11 +123,8 @@ class RecurrentDropout(AbstractCell):
             gates_h = gates_h + cell.bias_hh
         return cell.pointwise(gates_x, gates_h, state)
 
-    def output(self, state):
-        return self.cell.output(state)
 
-
-class Zoneout(AbstractCell):
+class Zoneout(_Wrapper):
     """`cell` whose state units keep their previous values with probability `rates`
     (one per array of the state). With `sampled=True` (training) the keep masks
     arrive with the input, after the cell's own input, one row per step (see
@@ -135,17 +142,6 @@ class Zoneout(AbstractCell):
     @property
     def input_size(self) -> int:
         return self.cell.input_size + (self._units if self.sampled else 0)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.cell.hidden_size
-
-    @property
-    def output_size(self) -> int:
-        return self.cell.output_size
-
-    def init_state(self) -> State:
-        return self.cell.init_state()
 
     def project_input(self, x):
         if not self.sampled:
@@ -169,9 +165,6 @@ class Zoneout(AbstractCell):
             else:
                 mixed.append(p * prev + (1 - p) * now)
         return jax.tree.unflatten(treedef, mixed)
-
-    def output(self, state):
-        return self.cell.output(state)
 
 
 def zoneout_masks(

@@ -2,8 +2,11 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
 from hypothesis import settings
+
+import stackrnn
 
 # The strategies are public, in `stackrnn.testing`; these names stay importable from
 # here for the tests that use them.
@@ -53,3 +56,19 @@ def fewer():
     """Half the active profile's examples, for the property tests that compile most
     (each example compiles anew)."""
     return settings(max_examples=max(1, settings.default.max_examples // 2))
+
+
+def make_stack(cfg: Config, key, direction: str, **kwargs) -> stackrnn.StackedRNN:
+    """A stack of `cfg`'s cells reading `"forward"`, `"reverse"` or
+    `"bidirectional"` (each backward cell drawn with its own key)."""
+    if direction != "bidirectional":
+        cells = make_cells(cfg, key)
+        return stackrnn.StackedRNN(cells, reverse=direction == "reverse", **kwargs)
+    cells, backward = [], []
+    size = cfg.input_size
+    for width, k in zip(cfg.widths, jr.split(key, cfg.num_layers)):
+        kf, kb = jr.split(k)
+        cells.append(make_cell(cfg.kind, size, width, bias=cfg.bias, key=kf))
+        backward.append(make_cell(cfg.kind, size, width, bias=cfg.bias, key=kb))
+        size = cells[-1].output_size + backward[-1].output_size
+    return stackrnn.StackedRNN(cells, backward_cells=backward, **kwargs)

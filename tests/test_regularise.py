@@ -24,8 +24,8 @@ from .helpers import (
     configs,
     fewer,
     inputs,
-    make_cell,
     make_cells,
+    make_stack,
     tree_allclose,
     tree_equal,
     x64,
@@ -96,20 +96,6 @@ class _Linear(stackrnn.AbstractAffineCell):
         return state
 
 
-def _stack(cfg, key, direction, **kwargs):
-    if direction != "bidirectional":
-        cells = make_cells(cfg, key)
-        return stackrnn.StackedRNN(cells, reverse=direction == "reverse", **kwargs)
-    cells, backward = [], []
-    size = cfg.input_size
-    for width, k in zip(cfg.widths, jr.split(key, cfg.num_layers)):
-        kf, kb = jr.split(k)
-        cells.append(make_cell(cfg.kind, size, width, bias=cfg.bias, key=kf))
-        backward.append(make_cell(cfg.kind, size, width, bias=cfg.bias, key=kb))
-        size = cells[-1].output_size + backward[-1].output_size
-    return stackrnn.StackedRNN(cells, backward_cells=backward, **kwargs)
-
-
 def _directions(stack, i):
     """Layer `i`'s cells, each with whether it reads backwards and the slice of the
     layer's output it writes."""
@@ -159,18 +145,20 @@ def _plain_step(cell, x, state):
 def test_zero_rates_equal_the_plain_stack_bit_for_bit(cfg, direction):
     kc, kx, kd = jr.split(jr.key(0), 3)
     xs = inputs(cfg, kx)
-    want = _stack(cfg, kc, direction)(xs)
-    off = _stack(cfg, kc, direction, recurrent_dropout=0.0, zoneout=0.0, weight_drop=0)
+    want = make_stack(cfg, kc, direction)(xs)
+    off = make_stack(
+        cfg, kc, direction, recurrent_dropout=0.0, zoneout=0.0, weight_drop=0
+    )
     assert tree_equal(off(xs, key=kd), want)
     assert tree_equal(off(xs, inference=True), want)
     with pytest.warns(UserWarning, match="`variational=True` has no effect"):
-        variational = _stack(cfg, kc, direction, variational=True)
+        variational = make_stack(cfg, kc, direction, variational=True)
     assert tree_equal(variational(xs, key=kd), want)
     if cfg.kind.startswith("lstm"):
-        pair = _stack(cfg, kc, direction, zoneout=(0.0, 0.0))
+        pair = make_stack(cfg, kc, direction, zoneout=(0.0, 0.0))
         assert tree_equal(pair(xs, key=kd), want)
     # Regularisers that draw masks are off at inference.
-    on = _stack(
+    on = make_stack(
         cfg,
         kc,
         direction,
@@ -235,7 +223,7 @@ def test_variational_dropout_under_vmap_draws_per_example_masks(getkey):
 )
 def test_residual_equals_the_hand_written_sum(cfg, direction, seed):
     kc, kx = jr.split(jr.key(seed))
-    stack = _stack(cfg, kc, direction, residual=cfg.num_layers > 1)
+    stack = make_stack(cfg, kc, direction, residual=cfg.num_layers > 1)
     xs = inputs(cfg, kx)
     outputs, final = stack(xs, all_layers=True)
     want_outputs, want_final = _by_hand(stack, xs, _plain_step)
@@ -278,7 +266,7 @@ def test_recurrent_dropout_is_one_mask_per_sequence(kind, getkey):
     one, held over the whole sequence, gives the stack's outputs."""
     p = 0.5
     cfg = Config(kind=kind, input_size=2, widths=(3, 3), bias=True, time=5)
-    stack = _stack(cfg, getkey(), "bidirectional", recurrent_dropout=p)
+    stack = make_stack(cfg, getkey(), "bidirectional", recurrent_dropout=p)
     xs = inputs(cfg, getkey())
     masks_seen = []
     for key in jr.split(getkey(), 3):
@@ -336,7 +324,7 @@ def test_zoneout_keeps_or_updates_each_unit(cfg, direction, data, seed):
     steps from `length` on are not read."""
     length = data.draw(st.integers(1, cfg.time))
     kc, kx, kd = jr.split(jr.key(seed), 3)
-    stack = _stack(cfg, kc, direction, zoneout=0.5)
+    stack = make_stack(cfg, kc, direction, zoneout=0.5)
     xs = inputs(cfg, kx)
     outputs, final = stack(xs, key=kd, length=length, all_layers=True)
     layer_input, finals = xs, []
@@ -401,7 +389,9 @@ def test_zoneout_on_lstm_hidden_and_cell_states(rates, getkey):
 def test_zoneout_at_inference_is_the_expectation(cfg, direction, pair, seed):
     rates = (0.3, 0.6) if pair and cfg.kind.startswith("lstm") else (0.4,)
     kc, kx = jr.split(jr.key(seed))
-    stack = _stack(cfg, kc, direction, zoneout=rates if len(rates) == 2 else rates[0])
+    stack = make_stack(
+        cfg, kc, direction, zoneout=rates if len(rates) == 2 else rates[0]
+    )
     xs = inputs(cfg, kx)
 
     def expectation(cell, x, state):
@@ -594,7 +584,7 @@ def test_keyed_and_consistent_under_jit_vmap_and_grad(cfg, direction, seed):
     options = dict(ALL_ON)
     if cfg.num_layers == 1:
         options.update(dropout=0.0, variational=False, residual=False)
-    stack = _stack(cfg, kc, direction, **options)
+    stack = make_stack(cfg, kc, direction, **options)
     xs = inputs(cfg, kx, batch=3)
     keys = jr.split(k1, 3)
     call = eqx.filter_jit(lambda x, k: stack(x, key=k))

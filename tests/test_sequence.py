@@ -15,8 +15,8 @@ from .helpers import (
     configs,
     fewer,
     inputs,
-    make_cell,
     make_cells,
+    make_stack,
     tree_allclose,
     tree_equal,
 )
@@ -26,20 +26,6 @@ DIRECTIONS = ("forward", "reverse", "bidirectional")
 # Eager op-by-op dispatch or another scan order versus one compiled scan: the same
 # operations, but XLA may fuse them differently, so equality holds to f32 rounding.
 TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-def _stack(cfg, key, direction, **kwargs):
-    if direction != "bidirectional":
-        cells = make_cells(cfg, key)
-        return stackrnn.StackedRNN(cells, reverse=direction == "reverse", **kwargs)
-    cells, backward = [], []
-    size = cfg.input_size
-    for width, k in zip(cfg.widths, jr.split(key, cfg.num_layers)):
-        kf, kb = jr.split(k)
-        cells.append(make_cell(cfg.kind, size, width, bias=cfg.bias, key=kf))
-        backward.append(make_cell(cfg.kind, size, width, bias=cfg.bias, key=kb))
-        size = cells[-1].output_size + backward[-1].output_size
-    return stackrnn.StackedRNN(cells, backward_cells=backward, **kwargs)
 
 
 def _random_state(stack, key):
@@ -95,7 +81,7 @@ seeds = st.integers(0, 2**16)
 @given(cfg=configs(max_layers=2, max_time=5), seed=seeds)
 def test_bidirectional_equals_hand_built_directions(cfg, seed):
     kc, kx, ks = jr.split(jr.key(seed), 3)
-    stack = _stack(cfg, kc, "bidirectional")
+    stack = make_stack(cfg, kc, "bidirectional")
     xs = inputs(cfg, kx)
     state = _random_state(stack, ks)
     ys, final = eqx.filter_jit(stack)(xs, state)
@@ -137,7 +123,7 @@ def test_reverse_equals_flipping_input_and_output(cfg, seed):
 )
 def test_length_equals_truncating_each_example(cfg, direction, lengths, seed):
     kc, kx, ks = jr.split(jr.key(seed), 3)
-    stack = _stack(cfg, kc, direction)
+    stack = make_stack(cfg, kc, direction)
     lengths = [min(n, cfg.time) for n in lengths]
     # Random padding, not zeros: it must be ignored whatever it holds.
     xs = inputs(cfg, kx, batch=len(lengths))
@@ -198,7 +184,7 @@ def _segments(resets):
 )
 def test_resets_equal_splitting_into_fresh_segments(cfg, direction, flags, seed):
     kc, kx, ks = jr.split(jr.key(seed), 3)
-    stack = _stack(cfg, kc, direction)
+    stack = make_stack(cfg, kc, direction)
     resets = jnp.array([f[: cfg.time] for f in flags])
     xs = inputs(cfg, kx, batch=len(flags))
     state = _random_state(stack, ks)
@@ -243,7 +229,7 @@ def test_resets_equal_splitting_into_fresh_segments(cfg, direction, flags, seed)
 )
 def test_resets_past_the_length_are_ignored(cfg, direction, length, flags, seed):
     kc, kx, ks = jr.split(jr.key(seed), 3)
-    stack = _stack(cfg, kc, direction)
+    stack = make_stack(cfg, kc, direction)
     length = min(length, cfg.time)
     resets = jnp.array(flags[: cfg.time])
     xs = inputs(cfg, kx)
@@ -303,7 +289,7 @@ def test_step_dropout(getkey):
 @given(cfg=configs(max_layers=3, max_time=5), direction=directions, seed=seeds)
 def test_all_layers_equal_shallower_stacks(cfg, direction, seed):
     kc, kx, kd = jr.split(jr.key(seed), 3)
-    stack = _stack(cfg, kc, direction, dropout=0.5 if cfg.num_layers > 1 else 0.0)
+    stack = make_stack(cfg, kc, direction, dropout=0.5 if cfg.num_layers > 1 else 0.0)
     xs = inputs(cfg, kx)
     both = jax.jit(
         lambda x: (stack(x, inference=True, all_layers=True), stack(x, inference=True))
@@ -437,8 +423,8 @@ def test_unroll_reaches_every_scan_and_keeps_results(
     cfg, direction, unroll, length, flags, seed
 ):
     kc, kx = jr.split(jr.key(seed))
-    stack = _stack(cfg, kc, direction)
-    unrolled = _stack(cfg, kc, direction, unroll=unroll)
+    stack = make_stack(cfg, kc, direction)
+    unrolled = make_stack(cfg, kc, direction, unroll=unroll)
     xs = inputs(cfg, kx)
     options = dict(length=min(length, cfg.time), resets=jnp.array(flags[: cfg.time]))
     jaxpr = jax.make_jaxpr(lambda x: unrolled(x, **options))(xs)
