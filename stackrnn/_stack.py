@@ -19,6 +19,7 @@ from ._checks import (
     check_size,
     check_vector,
 )
+from ._chunked import check_checkpoint, chunk_length, run_chunked
 from ._layer import run_layer
 from ._regularise import (
     check_affine,
@@ -108,6 +109,21 @@ class StackedRNN(eqx.Module):
       JAX. `None` (default): the fast path for layers of `hidden_size >= 512`,
       where it measured faster on CPU (see the benchmarks page). Both paths give the
       same numbers up to float rounding. (Keyword only argument.)
+    - `checkpoint`: gradient checkpointing over time, for long sequences. `False`
+      (default): none; the backward pass keeps every step's intermediate values.
+      `True`: chunks of `ceil(sqrt(time))` steps; an integer: chunks of that many
+      steps. The backward pass then keeps only the state at the start of each chunk
+      and recomputes the chunk's forward pass (about one more forward pass in all),
+      so a unidirectional stack needs memory for about `sqrt(time)` steps of every
+      layer, besides the inputs and outputs: the chunks are the outer loop and run
+      all layers inside. A bidirectional stack cannot interleave its layers that
+      way (the backward direction of layer `l` needs all of layer `l-1`), so each of
+      its layers is checkpointed on its own: every layer's outputs are kept, the
+      per-step values inside the layers are not. Same numbers as without
+      checkpointing up to float rounding, except for the masks a unidirectional
+      stack draws per step (`dropout` unless `variational`, and `zoneout`): chunk
+      `c` draws them from their key folded with `c` (`jax.random.fold_in`). See
+      "Long sequences" on the sequences page. (Keyword only argument.)
     - `inference`: the default of `__call__`'s `inference`; switch a whole model with
       `eqx.nn.inference_mode`. (Keyword only argument.)
 
@@ -132,6 +148,7 @@ class StackedRNN(eqx.Module):
     unroll: int = eqx.field(static=True)
     reverse: bool = eqx.field(static=True)
     fast: bool | None = eqx.field(static=True)
+    checkpoint: bool | int = eqx.field(static=True)
     inference: bool
 
     def __init__(
@@ -148,6 +165,7 @@ class StackedRNN(eqx.Module):
         unroll: int = 1,
         reverse: bool = False,
         fast: bool | None = None,
+        checkpoint: bool | int = False,
         inference: bool = False,
     ):
         cells = _check_cells("cells", cells)
@@ -234,6 +252,7 @@ class StackedRNN(eqx.Module):
         if fast is not None and not isinstance(fast, bool):
             raise TypeError(f"`fast` must be True, False or None, got {fast!r}")
         self.fast = fast
+        self.checkpoint = check_checkpoint(checkpoint)
         self.inference = inference
 
     @property
@@ -317,13 +336,19 @@ class StackedRNN(eqx.Module):
             )
         return split_keys(key, self.num_layers, 2 if self.bidirectional else 1)
 
-    def _run_layer(self, i, hs, states, keys, inference, run):
+    def _run_layer(self, i, hs, states, keys, inference, run, chunk=None):
         """Layer `i` on its input `hs` (all directions), with its regularisers;
-        `run(cell, xs, state, direction)` runs one direction."""
+        `run(cell, xs, state, direction)` runs one direction. `chunk`: the index of
+        the chunk of time `hs` is, in a checkpointed unidirectional stack, which
+        draws its per-step masks from their keys folded with it."""
         below = hs
         if i > 0 and keys is not None and self.dropout > 0:
-            shape = (1, hs.shape[-1]) if self.variational else None
-            hs = _dropout(hs, self.dropout, keys[0][i - 1], shape=shape)
+            shape, key = None, keys[0][i - 1]
+            if self.variational:
+                shape = (1, hs.shape[-1])
+            elif chunk is not None:
+                key = jax.random.fold_in(key, chunk)
+            hs = _dropout(hs, self.dropout, key, shape=shape)
         ys, finals = [], []
         for direction, cell in enumerate(self._layer(i)):
             cell, inputs = regularise_cell(
@@ -334,6 +359,7 @@ class StackedRNN(eqx.Module):
                 zoneout=self.zoneout,
                 key=None if keys is None else keys[1][i][direction],
                 inference=inference,
+                chunk=chunk,
             )
             y, final = run(cell, inputs, next(states), direction)
             ys.append(y)
@@ -452,7 +478,18 @@ class StackedRNN(eqx.Module):
         inference = self.inference if inference is None else inference
         keys = self._keys(key, inference)
 
+        chunk = chunk_length(self.checkpoint, time)
+        if chunk is not None and not self.bidirectional:
+            outputs, finals = self._call_chunked(
+                xs, state, chunk, length, resets, keys, inference, all_layers
+            )
+            return (tuple(outputs) if all_layers else outputs[-1]), self._join(finals)
+
         def run(cell, inputs, layer_state, direction):
+            if chunk is not None:
+                return self._run_direction_chunked(
+                    cell, inputs, layer_state, direction, chunk, length, resets
+                )
             return run_layer(
                 cell,
                 inputs,
@@ -472,6 +509,79 @@ class StackedRNN(eqx.Module):
             finals += layer_finals
             outputs.append(hs)
         return (tuple(outputs) if all_layers else hs), self._join(finals)
+
+    def _call_chunked(
+        self, xs, state, chunk, length, resets, keys, inference, all_layers
+    ):
+        """A unidirectional stack, checkpointed: the chunks of time outside, all
+        layers inside each chunk. Returns every layer's outputs if `all_layers`, else
+        the top layer's only, and the final states."""
+
+        def layers(hs, layer_states, index, chunk_length, chunk_resets):
+            def run(cell, inputs, layer_state, direction):
+                del direction
+                return run_layer(
+                    cell,
+                    inputs,
+                    layer_state,
+                    reverse=self.reverse,
+                    unroll=self.unroll,
+                    length=chunk_length,
+                    resets=chunk_resets,
+                    fast=self.fast,
+                )
+
+            states = iter(layer_states)
+            outputs, finals = [], []
+            for i in range(self.num_layers):
+                hs, layer_finals = self._run_layer(
+                    i, hs, states, keys, inference, run, chunk=index
+                )
+                finals += layer_finals
+                if all_layers or i == self.num_layers - 1:
+                    outputs.append(hs)
+            return outputs, finals
+
+        return run_chunked(
+            layers,
+            xs,
+            self._split(state),
+            [cell.init_state() for cell in self.cells],
+            chunk=chunk,
+            reverse=self.reverse,
+            length=length,
+            resets=resets,
+        )
+
+    def _run_direction_chunked(self, cell, xs, state, direction, chunk, length, resets):
+        """One direction of one layer of a bidirectional stack, checkpointed on its
+        own (its inputs already carry every mask it reads)."""
+
+        def layers(hs, states, index, chunk_length, chunk_resets):
+            del index
+            ys, final = run_layer(
+                cell,
+                hs,
+                states[0],
+                reverse=direction == 1,
+                unroll=self.unroll,
+                length=chunk_length,
+                resets=chunk_resets,
+                fast=self.fast,
+            )
+            return [ys], [final]
+
+        (ys,), (final,) = run_chunked(
+            layers,
+            xs,
+            [state],
+            [cell.init_state()],
+            chunk=chunk,
+            reverse=direction == 1,
+            length=length,
+            resets=resets,
+        )
+        return ys, final
 
     def step(
         self,
