@@ -77,6 +77,7 @@ def RNN(
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
     bidirectional: bool = False,
+    checkpoint: bool | int = False,
     dtype=None,
     key: PRNGKeyArray,
 ) -> StackedRNN:
@@ -101,6 +102,9 @@ def RNN(
       cells, and the next layer reads both directions concatenated, forward first;
       the state then holds `2 * num_layers` entries, in PyTorch's order
       `layer * 2 + direction`. (Keyword only argument.)
+    - `checkpoint`: gradient checkpointing over time for long sequences: `False`
+      (default), `True` (chunks of about `sqrt(time)` steps) or a chunk length; see
+      [`stackrnn.StackedRNN`][]. (Keyword only argument.)
     - `dtype`: parameter dtype. (Keyword only argument.)
     - `key`: a `jax.random.PRNGKey`. (Keyword only argument.)
 
@@ -128,6 +132,7 @@ def RNN(
         weight_drop=weight_drop,
         residual=residual,
         unroll=unroll,
+        checkpoint=checkpoint,
     )
 
 
@@ -147,6 +152,7 @@ def GRU(
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
     bidirectional: bool = False,
+    checkpoint: bool | int = False,
     dtype=None,
     key: PRNGKeyArray,
 ) -> StackedRNN:
@@ -174,6 +180,7 @@ def GRU(
         weight_drop=weight_drop,
         residual=residual,
         unroll=unroll,
+        checkpoint=checkpoint,
     )
 
 
@@ -195,6 +202,7 @@ def LSTM(
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
     bidirectional: bool = False,
+    checkpoint: bool | int = False,
     dtype=None,
     key: PRNGKeyArray,
 ) -> StackedRNN:
@@ -233,4 +241,5 @@ def LSTM(
         weight_drop=weight_drop,
         residual=residual,
         unroll=unroll,
+        checkpoint=checkpoint,
     )
