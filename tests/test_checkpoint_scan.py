@@ -1,8 +1,9 @@
 """`StackedRNN(checkpoint=...)`: time in `jax.checkpoint`-ed chunks. The same values,
 final states and gradients as the plain stack for every cell, direction and sequence
-option; dropout masks drawn per chunk as documented; the checkpoint really in the
+option; regularisers' masks as documented; the checkpoint really in the
 program; compiled memory growing sublinearly in time; bad values refused."""
 
+import dataclasses
 import math
 
 import equinox as eqx
@@ -11,18 +12,20 @@ import jax.extend.core.primitives as primitives
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
-from hypothesis import example, given, strategies as st
+from hypothesis import assume, example, given, strategies as st
 
 import stackrnn
 from stackrnn._chunked import chunk_length
+from stackrnn._layer import scan_reference
+from stackrnn._regularise import dropout, split_keys, Zoneout, zoneout_masks
 
 from .helpers import (
     Config,
     configs,
     fewer,
     inputs,
-    make_cell,
     make_cells,
+    make_stack,
     tree_allclose,
     x64,
 )
@@ -36,31 +39,10 @@ RTOL = ATOL = 1e-10
 TOL32 = dict(rtol=1e-5, atol=1e-6)
 
 
-def _stack(cfg, key, direction, **options):
-    if direction != "bidirectional":
-        cells = make_cells(cfg, key)
-        return stackrnn.StackedRNN(cells, reverse=direction == "reverse", **options)
-    cells, backward = [], []
-    size = cfg.input_size
-    for width, k in zip(cfg.widths, jr.split(key, cfg.num_layers)):
-        kf, kb = jr.split(k)
-        cells.append(make_cell(cfg.kind, size, width, bias=cfg.bias, key=kf))
-        backward.append(make_cell(cfg.kind, size, width, bias=cfg.bias, key=kb))
-        size = cells[-1].output_size + backward[-1].output_size
-    return stackrnn.StackedRNN(cells, backward_cells=backward, **options)
-
-
 def _with(stack, **options):
-    """`stack`'s cells in a new stack with its options, updated by `options`."""
-    kwargs = dict(
-        backward_cells=stack.backward_cells,
-        dropout=stack.dropout,
-        unroll=stack.unroll,
-        reverse=stack.reverse,
-        fast=stack.fast,
-        checkpoint=stack.checkpoint,
-    )
-    return stackrnn.StackedRNN(stack.cells, **{**kwargs, **options})
+    """`stack` with some of its options changed."""
+    fields = {f.name: getattr(stack, f.name) for f in dataclasses.fields(stack)}
+    return stackrnn.StackedRNN(**{**fields, **options})
 
 
 def _random_state(stack, key):
@@ -135,7 +117,7 @@ def test_checkpointed_equals_plain(
     every path (`fast`)."""
     with x64(True):
         kc, kx, ks = jr.split(jr.key(seed), 3)
-        plain = _stack(cfg, kc, direction, unroll=unroll, fast=fast)
+        plain = make_stack(cfg, kc, direction, unroll=unroll, fast=fast)
         plain = jax.tree.map(
             lambda p: p.astype(jnp.float64) if eqx.is_inexact_array(p) else p, plain
         )
@@ -170,17 +152,93 @@ def test_checkpointed_equals_plain(
             assert tree_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
-def _chunk_by_chunk(stack, xs, chunk, key):
-    """A unidirectional stack with dropout, run by a Python loop over the chunks
-    (last first for a `reverse` stack), each chunk a plain call with key
-    `fold_in(key, c)`: the masks `checkpoint` documents."""
-    plain = _with(stack, checkpoint=False)
-    starts = list(range(0, len(xs), chunk))
-    order = reversed(list(enumerate(starts))) if stack.reverse else enumerate(starts)
-    state, ys = stack.init_state(), {}
-    for c, start in order:
-        ys[c], state = plain(xs[start : start + chunk], state, key=jr.fold_in(key, c))
-    return jnp.concatenate([ys[c] for c in range(len(starts))]), state
+AFFINE = ("rnn_tanh", "rnn_relu", "gru", "lstm")
+PER_SEQUENCE = [
+    dict(dropout=0.5, variational=True, residual=True),
+    dict(recurrent_dropout=0.4, weight_drop=0.3),
+]
+
+
+@fewer()
+@given(
+    cfg=configs(kinds=AFFINE, max_layers=3, max_time=9, same_width=True),
+    direction=st.sampled_from(DIRECTIONS),
+    chunk=chunks,
+    regularisers=st.sampled_from(
+        [*PER_SEQUENCE, dict(dropout=0.5, zoneout=0.3, recurrent_dropout=0.2)]
+    ),
+    seed=st.integers(0, 2**16),
+)
+@example(
+    cfg=Config(kind="gru", input_size=3, widths=(4, 4), bias=True, time=7),
+    direction="forward",
+    chunk=3,
+    regularisers=PER_SEQUENCE[0],
+    seed=0,
+)
+@example(
+    cfg=Config(kind="lstm", input_size=3, widths=(4, 4), bias=True, time=7),
+    direction="reverse",
+    chunk=2,
+    regularisers=PER_SEQUENCE[1],
+    seed=0,
+)
+def test_sequence_masks_are_the_plain_ones(cfg, direction, chunk, regularisers, seed):
+    """The masks drawn once per sequence (variational dropout, recurrent dropout,
+    weight drop) are those of the plain stack, and so are all masks of a
+    bidirectional stack (drawn outside its per-layer chunks): the same values and
+    gradients."""
+    # Unidirectional stacks draw per-step masks per chunk: the next test.
+    assume(direction == "bidirectional" or regularisers in PER_SEQUENCE)
+    if cfg.num_layers == 1:
+        regularisers = dict(
+            regularisers, dropout=0.0, variational=False, residual=False
+        )
+    kc, kx, kd = jr.split(jr.key(seed), 3)
+    plain = make_stack(cfg, kc, direction, **regularisers)
+    checkpointed = _with(plain, checkpoint=chunk)
+    xs = inputs(cfg, kx)
+
+    def loss(model, key):
+        outputs = model(xs, key=key)
+        return _weighted_sum(outputs), outputs
+
+    both = eqx.filter_jit(eqx.filter_grad(loss, has_aux=True))
+    (got_grads, got), (want_grads, want) = both(checkpointed, kd), both(plain, kd)
+    assert tree_allclose(got, want, **TOL32)
+    assert tree_allclose(
+        (got_grads.cells, got_grads.backward_cells),
+        (want_grads.cells, want_grads.backward_cells),
+        **TOL32,
+    )
+
+
+def _by_chunks(stack, xs, size, key):
+    """A unidirectional stack with dropout and zoneout (no other regulariser), by
+    Python loops over chunks (last first for `reverse`) and layers: chunk `c` draws
+    the input dropout of layer `l` from `fold_in(dropout key of l, c)` and its
+    zoneout masks from `fold_in(zoneout key of l, c)`, the keys being those the
+    plain stack splits from `key`."""
+    input_keys, cell_keys = split_keys(key, stack.num_layers, 1)
+    state = stack._split(stack.init_state())
+    starts = list(range(0, len(xs), size))
+    ys = {}
+    for c, start in list(enumerate(starts))[:: -1 if stack.reverse else 1]:
+        hs = xs[start : start + size]
+        for i, cell in enumerate(stack.cells):
+            if i > 0:
+                hs = dropout(hs, stack.dropout, jr.fold_in(input_keys[i - 1], c))
+            k_zoneout = jr.fold_in(jr.split(cell_keys[i][0], 3)[2], c)
+            rates = (stack.zoneout,) * len(jax.tree.leaves(cell.init_state()))
+            keep = zoneout_masks(k_zoneout, rates, cell.init_state(), len(hs), hs.dtype)
+            hs, state[i] = scan_reference(
+                Zoneout(cell, rates, sampled=True),
+                jnp.concatenate([hs, keep], axis=-1),
+                state[i],
+                reverse=stack.reverse,
+            )
+        ys[c] = hs
+    return jnp.concatenate([ys[c] for c in range(len(starts))]), stack._join(state)
 
 
 @fewer()
@@ -190,40 +248,27 @@ def _chunk_by_chunk(stack, xs, chunk, key):
     chunk=chunks,
     seed=st.integers(0, 2**16),
 )
-def test_dropout_masks_are_drawn_per_chunk(cfg, reverse, chunk, seed):
+def test_step_masks_are_drawn_per_chunk(cfg, reverse, chunk, seed):
+    """Dropout between layers and zoneout draw fresh masks per chunk, as
+    documented; deterministic for a fixed key, so the recomputed chunks drop what
+    the forward pass dropped and the gradient is that of the loops."""
     kc, kx, kd = jr.split(jr.key(seed), 3)
     stack = stackrnn.StackedRNN(
-        make_cells(cfg, kc), reverse=reverse, dropout=0.5, checkpoint=chunk
+        make_cells(cfg, kc), reverse=reverse, dropout=0.5, zoneout=0.3, checkpoint=chunk
     )
     xs = inputs(cfg, kx)
-
-    def by_chunks(model, key):
-        return _chunk_by_chunk(model, xs, chunk_length(chunk, cfg.time), key)
+    size = chunk_length(chunk, cfg.time)
 
     def loss(model, key, run):
         outputs = run(model, key)
         return _weighted_sum(outputs), outputs
 
-    # Values, and gradients: the recomputed chunks drop what the forward pass
-    # dropped (the masks are deterministic for a fixed key), so the gradient is that
-    # of the chunk-by-chunk loop.
     both = eqx.filter_jit(eqx.filter_grad(loss, has_aux=True))
     got = both(stack, kd, lambda m, k: m(xs, key=k))
-    assert tree_allclose(got, both(stack, kd, by_chunks), **TOL32)
-
-
-def test_bidirectional_dropout_masks_are_the_plain_ones(getkey):
-    """A bidirectional stack applies dropout to whole layer outputs, outside the
-    chunks: the masks are those of the plain stack."""
-    plain = stackrnn.GRU(
-        3, 4, num_layers=3, dropout=0.5, bidirectional=True, key=getkey()
-    )
-    checkpointed = _with(plain, checkpoint=2)
-    xs, key = jr.normal(getkey(), (7, 3)), getkey()
-    run = eqx.filter_jit(lambda m, x, k: m(x, key=k))
-    assert tree_allclose(run(checkpointed, xs, key), run(plain, xs, key), **TOL32)
+    want = both(stack, kd, lambda m, k: _by_chunks(m, xs, size, k))
+    assert tree_allclose(got, want, **TOL32)
     with pytest.raises(RuntimeError, match="requires a `key`"):
-        checkpointed(xs)
+        stack(xs)
 
 
 def _primitives(jaxpr):
