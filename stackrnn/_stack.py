@@ -104,7 +104,9 @@ class StackedRNN(eqx.Module):
     - `fast`: which path each layer takes. `True`: layers of Elman, GRU and LSTM
       cells (without `proj_size`) take the fast path, a hand-written backward pass
       whose weight gradients are single matrix products over all steps and
-      examples; calls with `length` or `resets` take the reference path. `False`:
+      examples; calls with `length` or `resets`, layers with `recurrent_dropout`
+      or `zoneout`, and cells with other parameters (LayerNorm cells, LSTMs with
+      `proj_size`) take the reference path. `False`:
       the reference path, a plain `jax.lax.scan` of each cell differentiated by
       JAX. `None` (default): the fast path for layers of `hidden_size >= 512`,
       where it measured faster on CPU (see the benchmarks page). Both paths give the
