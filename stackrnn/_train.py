@@ -97,8 +97,7 @@ def _batch_loss(model, x, y, mask, key, inference, num_keys=None):
     masks of the unpadded one. Weight drop draws one mask for the whole batch, as
     AWD-LSTM does (`StackedRNN.drop_weights`): one per window would multiply the
     recurrent weights by the batch size."""
-    training = not (model.rnn.inference if inference is None else inference)
-    if training and model.rnn.weight_drop > 0:
+    if not inference and model.rnn.weight_drop > 0:
         key, weight_key = jax.random.split(key)
         model = eqx.tree_at(lambda m: m.rnn, model, model.rnn.drop_weights(weight_key))
     keys = jax.random.split(key, num_keys or x.shape[0])
