@@ -11,6 +11,11 @@ Time must be outside the layers for that: a fold over layers, each over all step
 would keep every layer's whole output sequence for the backward pass of the layer
 above, whatever happens inside each layer.
 
+Nested chunks (`checkpoint=(c1, c2, ...)`) cut each chunk of `c1` steps into
+checkpointed chunks of `c2` steps, and so on: the recomputation of an outer chunk
+keeps only its inner chunks' first states. With `k` levels, memory for about
+`k * time ** (1 / (k + 1))` steps, at one more forward pass per level.
+
 Within a chunk every layer runs as without checkpointing, through `run_layer`, on the
 path it would take (the fast path's stored projections are per chunk here).
 When `chunk` does not divide `time`, the last `time % chunk` steps form one shorter
@@ -23,64 +28,79 @@ import jax
 import jax.numpy as jnp
 
 
-def check_checkpoint(value) -> bool | int:
-    """`value` must be `True`, `False` or a chunk length, an integer >= 1."""
+def check_checkpoint(value) -> bool | int | tuple[int, ...]:
+    """`value` must be `True`, `False`, a chunk length (an integer >= 1) or a
+    non-empty tuple of chunk lengths, one per level of nesting."""
     if isinstance(value, bool):
         return value
-    if not isinstance(value, int):
-        raise TypeError(
-            "`checkpoint` must be True, False or a chunk length (an integer >= 1), "
-            f"got {value!r}"
-        )
-    if value < 1:
-        raise ValueError(
-            f"`checkpoint` must be a chunk length >= 1 (or True or False), got {value}"
-        )
+    lengths = value if isinstance(value, tuple) else (value,)
+    expected = (
+        "True, False, a chunk length (an integer >= 1) or a tuple of chunk lengths "
+        "(outermost first)"
+    )
+    if not lengths or not all(
+        isinstance(n, int) and not isinstance(n, bool) for n in lengths
+    ):
+        raise TypeError(f"`checkpoint` must be {expected}, got {value!r}")
+    if min(lengths) < 1:
+        raise ValueError(f"`checkpoint`'s chunk lengths must be >= 1, got {value!r}")
     return value
 
 
-def chunk_length(checkpoint: bool | int, time: int) -> int | None:
-    """The chunk length for a sequence of `time` steps: `None` without checkpointing,
-    `ceil(sqrt(time))` for `True`, else `checkpoint` itself."""
+def chunk_lengths(
+    checkpoint: bool | int | tuple[int, ...], time: int
+) -> tuple[int, ...] | None:
+    """The chunk lengths, outermost first, for a sequence of `time` steps: `None`
+    without checkpointing, `(ceil(sqrt(time)),)` for `True`, else `checkpoint`
+    itself as a tuple."""
     if checkpoint is False:
         return None
     if checkpoint is True:
-        return math.isqrt(time - 1) + 1
-    return checkpoint
+        return (math.isqrt(time - 1) + 1,)
+    return checkpoint if isinstance(checkpoint, tuple) else (checkpoint,)
 
 
-def scan_chunks(run, carry, xs, *, time, chunk, reverse):
-    """Runs `run(carry, xs_chunk, start, index) -> (carry, ys_chunk)` over the chunks
-    of `time` steps, `jax.checkpoint`-ed; `xs` and `ys` are PyTrees of arrays whose
-    leading axis is time, `start` the chunk's first step and `index` its number, both
-    scalar integers. With `reverse`, the chunks are visited last first (`run` must
-    then read each chunk backwards itself).
+def scan_chunks(run, carry, xs, *, chunks, reverse, offset=0):
+    """Runs `run(carry, xs_chunk, start) -> (carry, ys_chunk)` over the chunks of
+    `xs`, `jax.checkpoint`-ed; `xs` and `ys` are PyTrees of arrays whose leading axis
+    is time, `start` the chunk's first step (counted from the start of the whole
+    sequence, `offset` being that of `xs`), a scalar integer. `chunks` holds the
+    chunk lengths, outermost first: each chunk is itself cut into chunks of the next
+    length. With `reverse`, the chunks are visited last first (`run` must then read
+    each chunk backwards itself).
 
     Returns `(carry, ys)`, `ys` with the chunks joined back along time.
     """
+    time = jax.tree.leaves(xs)[0].shape[0]
+    chunk, inner = chunks[0], chunks[1:]
     full, rest = divmod(time, chunk)
+
+    def run_chunk(carry, piece, start):
+        if inner:
+            return scan_chunks(
+                run, carry, piece, chunks=inner, reverse=reverse, offset=start
+            )
+        return run(carry, piece, start)
 
     def remainder(carry):
         piece = jax.tree.map(lambda a: a[full * chunk :], xs)
-        index = jnp.asarray(full)
-        return jax.checkpoint(run)(carry, piece, index * chunk, index)
+        return jax.checkpoint(run_chunk)(carry, piece, offset + full * chunk)
 
-    def chunks(carry):
+    def chunks_loop(carry):
         pieces = jax.tree.map(
             lambda a: a[: full * chunk].reshape(full, chunk, *a.shape[1:]), xs
         )
-        index = jnp.arange(full)
+        starts = offset + chunk * jnp.arange(full)
 
         def body(carry, inputs):
-            piece, i = inputs
-            return run(carry, piece, i * chunk, i)
+            return run_chunk(carry, *inputs)
 
         # `prevent_cse` guards against XLA merging the recomputation with the
         # forward pass; a loop body cannot be merged that way, so it is not needed.
         carry, ys = jax.lax.scan(
             jax.checkpoint(body, prevent_cse=False),
             carry,
-            (pieces, index),
+            (pieces, starts),
             reverse=reverse,
         )
         return carry, jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), ys)
@@ -89,7 +109,7 @@ def scan_chunks(run, carry, xs, *, time, chunk, reverse):
     if reverse and rest:
         carry, ys_rest = remainder(carry)
     if full:
-        carry, ys_full = chunks(carry)
+        carry, ys_full = chunks_loop(carry)
     if not reverse and rest:
         carry, ys_rest = remainder(carry)
     pieces = [ys for ys in (ys_full, ys_rest) if ys is not None]
@@ -98,37 +118,39 @@ def scan_chunks(run, carry, xs, *, time, chunk, reverse):
     return carry, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), *pieces)
 
 
-def run_chunked(layers, xs, states, fresh, *, chunk, reverse, length, resets):
-    """Runs a unidirectional stack over `xs` in checkpointed chunks of `chunk` steps.
+def run_chunked(layers, inputs, states, fresh, *, chunks, reverse, length, resets):
+    """Runs a unidirectional stack over `inputs` in checkpointed chunks.
 
-    `layers(hs, states, index, length, resets) -> (outputs, finals)` runs every layer
-    on one chunk `hs` from `states` (a list, one per layer), reading the chunk
-    forwards or backwards as the stack does, for the chunk numbered `index`, with
-    `length` and `resets` relative to the chunk (`length` may be outside
-    `[1, chunk]`; `None` when not given); it returns a list of output chunks and
-    the layers' final states. `fresh` holds each layer's `init_state()`.
+    `layers(piece, states, start, length, resets) -> (outputs, finals)` runs every
+    layer on one chunk of `inputs` (a PyTree of arrays whose leading axis is time)
+    from `states` (a list, one per layer), reading the chunk forwards or backwards
+    as the stack does, for the chunk whose first step is `start`, with `length` and
+    `resets` relative to the chunk (`length` may be outside `[1, chunk]`; `None`
+    when not given); it returns a PyTree of outputs with leading axis time (the
+    chunk's) and the layers' final states. `fresh` holds each layer's
+    `init_state()`; `chunks` the chunk lengths, outermost first.
 
-    Returns `(outputs, finals)`: the output lists of the chunks joined along time,
-    and the final states.
+    Returns `(outputs, finals)`: the outputs of the chunks joined along time, and
+    the final states.
     """
-    time = xs.shape[0]
+    time = jax.tree.leaves(inputs)[0].shape[0]
     steps = jnp.arange(time)
     if length is not None:
         # Any integer dtype of `length` compares as the steps' (as in the layer).
         length = jnp.asarray(length).astype(steps.dtype)
-    inputs = {"xs": xs}
+    pieces = {"inputs": inputs}
     if resets is not None:
         if length is not None:
             resets = resets & (steps < length)
-        inputs["resets"] = resets
+        pieces["resets"] = resets
         if reverse:
             # Reading backwards, a segment starting at step `s` ends the read of
             # `s`, so the state is reset before `s - 1`. The layer does this within
             # a chunk; across chunks, the flag of the chunk's first step is needed
             # when the chunk before it starts: `after[t] = resets[t + 1]`.
-            inputs["after"] = jnp.append(resets[1:], False)
+            pieces["after"] = jnp.append(resets[1:], False)
 
-    def run(carry, piece, start, index):
+    def run(carry, piece, start):
         if "after" in piece:
             reset = piece["after"][-1]
             carry = [
@@ -136,15 +158,15 @@ def run_chunked(layers, xs, states, fresh, *, chunk, reverse, length, resets):
                 for f, s in zip(fresh, carry)
             ]
         outputs, finals = layers(
-            piece["xs"],
+            piece["inputs"],
             carry,
-            index,
+            start,
             None if length is None else length - start,
             piece.get("resets"),
         )
         return finals, outputs
 
     finals, outputs = scan_chunks(
-        run, list(states), inputs, time=time, chunk=chunk, reverse=reverse
+        run, list(states), pieces, chunks=chunks, reverse=reverse
     )
     return outputs, finals

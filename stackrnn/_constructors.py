@@ -77,7 +77,7 @@ def RNN(
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
     bidirectional: bool = False,
-    checkpoint: bool | int = False,
+    checkpoint: bool | int | tuple[int, ...] = False,
     dtype=None,
     key: PRNGKeyArray,
 ) -> StackedRNN:
@@ -103,8 +103,9 @@ def RNN(
       the state then holds `2 * num_layers` entries, in PyTorch's order
       `layer * 2 + direction`. (Keyword only argument.)
     - `checkpoint`: gradient checkpointing over time for long sequences: `False`
-      (default), `True` (chunks of about `sqrt(time)` steps) or a chunk length; see
-      [`stackrnn.StackedRNN`][]. (Keyword only argument.)
+      (default), `True` (chunks of about `sqrt(time)` steps), a chunk length, or a
+      tuple of lengths for nested chunks; see [`stackrnn.StackedRNN`][]. (Keyword
+      only argument.)
     - `dtype`: parameter dtype. (Keyword only argument.)
     - `key`: a `jax.random.PRNGKey`. (Keyword only argument.)
 
@@ -152,7 +153,7 @@ def GRU(
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
     bidirectional: bool = False,
-    checkpoint: bool | int = False,
+    checkpoint: bool | int | tuple[int, ...] = False,
     dtype=None,
     key: PRNGKeyArray,
 ) -> StackedRNN:
@@ -202,7 +203,7 @@ def LSTM(
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
     bidirectional: bool = False,
-    checkpoint: bool | int = False,
+    checkpoint: bool | int | tuple[int, ...] = False,
     dtype=None,
     key: PRNGKeyArray,
 ) -> StackedRNN:

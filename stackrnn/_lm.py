@@ -113,22 +113,23 @@ class RNNLM(eqx.Module):
         `(logits, final_state)`: unnormalised next-token log-probabilities of shape
         `(time, vocab_size)` and the stack's state after the last token.
         """
-        if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
-            raise TypeError(
-                "`tokens` must be an integer array of token indices, got dtype "
-                f"{jnp.result_type(tokens)}"
-            )
-        if jnp.ndim(tokens) != 1:
-            raise ValueError(
-                f"`tokens` must have shape (time,), got {jnp.shape(tokens)}. Modules "
-                "take one example: to run a batch, use `jax.vmap(model)(tokens)`"
-            )
+        _check_tokens("tokens", tokens)
+        return self.rnn.transduce(
+            self._encode,
+            lambda hs, _: self._readout(hs),
+            tokens,
+            state,
+            key=key,
+            inference=inference,
+        )
+
+    def _encode(self, tokens):
         if self.embedding is None:
-            xs = jax.nn.one_hot(tokens, self.vocab_size, dtype=self.weight.dtype)
-        else:
-            xs = self.embedding.weight[tokens]
-        hs, state = self.rnn(xs, state, key=key, inference=inference)
-        return hs @ self.weight.T + self.bias, state
+            return jax.nn.one_hot(tokens, self.vocab_size, dtype=self.weight.dtype)
+        return self.embedding.weight[tokens]
+
+    def _readout(self, hs):
+        return hs @ self.weight.T + self.bias
 
 
 def sequence_loss(
@@ -153,6 +154,40 @@ def sequence_loss(
     **Returns:**
 
     A scalar: the mean over time of `-log p(targets[t] | tokens[:t+1])`.
+
+    With `model.rnn.checkpoint` on, the one-hot encoding (or embedding), the readout
+    and the cross-entropy run inside each checkpointed chunk
+    ([`stackrnn.StackedRNN.transduce`][]): the logits of the whole sequence are never
+    stored, and training memory grows with the chunks, not with `time`.
     """
-    logits, _ = model(tokens, key=key, inference=inference)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    _check_tokens("tokens", tokens)
+    _check_tokens("targets", targets)
+    if jnp.shape(targets) != jnp.shape(tokens):
+        raise ValueError(
+            f"`targets` must have the shape of `tokens` {jnp.shape(tokens)}, got "
+            f"{jnp.shape(targets)}"
+        )
+    losses, _ = model.rnn.transduce(
+        lambda pair: model._encode(pair[0]),
+        lambda hs, pair: optax.softmax_cross_entropy_with_integer_labels(
+            model._readout(hs), pair[1]
+        ),
+        (tokens, targets),
+        key=key,
+        inference=inference,
+    )
+    return losses.mean()
+
+
+def _check_tokens(name, tokens):
+    if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+        raise TypeError(
+            f"`{name}` must be an integer array of token indices, got dtype "
+            f"{jnp.result_type(tokens)}"
+        )
+    if jnp.ndim(tokens) != 1:
+        raise ValueError(
+            f"`{name}` must have shape (time,), got {jnp.shape(tokens)}. Modules "
+            "take one example: to run a batch, use `jax.vmap(model)(tokens)` (or "
+            "`jax.vmap` over the loss)"
+        )

@@ -197,7 +197,7 @@ def regularise_cell(
     zoneout: float | tuple[float, ...],
     key: PRNGKeyArray | None,
     inference: bool,
-    chunk: Int[Array, ""] | None = None,
+    start: Int[Array, ""] | None = None,
 ) -> tuple[AbstractCell, Float[Array, "time _"]]:
     """The cell a layer runs, and the inputs it reads, for one sequence `xs`.
 
@@ -205,8 +205,8 @@ def regularise_cell(
     `weight_hh` with one DropConnect mask, the previous output with one recurrent
     dropout mask, and a fresh zoneout mask per step (appended to the inputs). At
     inference: zoneout's expectation only. A rate of 0 leaves the cell as it is.
-    `chunk`: when `xs` is one chunk of a checkpointed sequence, its index; the
-    zoneout masks are then drawn from their key folded with it."""
+    `start`: when `xs` is one chunk of a checkpointed sequence, the chunk's first
+    step; the zoneout masks are then drawn from their key folded with it."""
     rates = _rates(zoneout, jax.eval_shape(cell.init_state))
     if not any(rates):
         rates = ()
@@ -215,10 +215,11 @@ def regularise_cell(
     if not (weight_drop > 0 or recurrent_dropout > 0 or rates):
         return cell, xs
     k_weight, k_recurrent, k_zoneout = jax.random.split(key, 3)
-    if chunk is not None:
-        # `xs` is chunk `chunk` of a checkpointed sequence: the per-sequence masks
-        # are the whole sequence's, the per-step masks this chunk's own.
-        k_zoneout = jax.random.fold_in(k_zoneout, chunk)
+    if start is not None:
+        # `xs` is the chunk from step `start` of a checkpointed sequence: the
+        # per-sequence masks are the whole sequence's, the per-step masks this
+        # chunk's own.
+        k_zoneout = jax.random.fold_in(k_zoneout, start)
     if weight_drop > 0:
         cell = drop_weight(cell, weight_drop, k_weight)
     if recurrent_dropout > 0:

@@ -2,7 +2,7 @@
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
@@ -19,7 +19,7 @@ from ._checks import (
     check_size,
     check_vector,
 )
-from ._chunked import check_checkpoint, chunk_length, run_chunked
+from ._chunked import check_checkpoint, chunk_lengths, run_chunked
 from ._layer import run_layer
 from ._regularise import (
     check_affine,
@@ -118,13 +118,20 @@ class StackedRNN(eqx.Module):
       and recomputes the chunk's forward pass (about one more forward pass in all),
       so a unidirectional stack needs memory for about `sqrt(time)` steps of every
       layer, besides the inputs and outputs: the chunks are the outer loop and run
-      all layers inside. A bidirectional stack cannot interleave its layers that
-      way (the backward direction of layer `l` needs all of layer `l-1`), so each of
-      its layers is checkpointed on its own: every layer's outputs are kept, the
-      per-step values inside the layers are not. Same numbers as without
+      all layers inside. A tuple of lengths, outermost first, nests the chunks:
+      `(c1, c2)` cuts each chunk of `c1` steps into checkpointed chunks of `c2`,
+      one more forward pass per level for memory of about `time / c1 + c1 / c2 +
+      c2` steps (`(round(time ** (2 / 3)), round(time ** (1 / 3)))` for about
+      `3 * time ** (1 / 3)`). [`stackrnn.StackedRNN.transduce`][] also keeps the
+      inputs' encoding and the outputs' decoding inside the chunks. A
+      bidirectional stack cannot interleave its layers that way (the backward
+      direction of layer `l` needs all of layer `l-1`), so each of its layers is
+      checkpointed on its own: every layer's outputs are kept, the per-step values
+      inside the layers are not. Same numbers as without
       checkpointing up to float rounding, except for the masks a unidirectional
-      stack draws per step (`dropout` unless `variational`, and `zoneout`): chunk
-      `c` draws them from their key folded with `c` (`jax.random.fold_in`). See
+      stack draws per step (`dropout` unless `variational`, and `zoneout`): the
+      (innermost) chunk from step `s` draws them from their key folded with `s`
+      (`jax.random.fold_in`). See
       "Long sequences" on the sequences page. (Keyword only argument.)
     - `inference`: the default of `__call__`'s `inference`; switch a whole model with
       `eqx.nn.inference_mode`. (Keyword only argument.)
@@ -150,7 +157,7 @@ class StackedRNN(eqx.Module):
     unroll: int = eqx.field(static=True)
     reverse: bool = eqx.field(static=True)
     fast: bool | None = eqx.field(static=True)
-    checkpoint: bool | int = eqx.field(static=True)
+    checkpoint: bool | int | tuple[int, ...] = eqx.field(static=True)
     inference: bool
 
     def __init__(
@@ -167,7 +174,7 @@ class StackedRNN(eqx.Module):
         unroll: int = 1,
         reverse: bool = False,
         fast: bool | None = None,
-        checkpoint: bool | int = False,
+        checkpoint: bool | int | tuple[int, ...] = False,
         inference: bool = False,
     ):
         cells = _check_cells("cells", cells)
@@ -338,18 +345,18 @@ class StackedRNN(eqx.Module):
             )
         return split_keys(key, self.num_layers, 2 if self.bidirectional else 1)
 
-    def _run_layer(self, i, hs, states, keys, inference, run, chunk=None):
+    def _run_layer(self, i, hs, states, keys, inference, run, start=None):
         """Layer `i` on its input `hs` (all directions), with its regularisers;
-        `run(cell, xs, state, direction)` runs one direction. `chunk`: the index of
-        the chunk of time `hs` is, in a checkpointed unidirectional stack, which
-        draws its per-step masks from their keys folded with it."""
+        `run(cell, xs, state, direction)` runs one direction. `start`: the first
+        step of the chunk of time `hs` is, in a checkpointed unidirectional stack,
+        which draws its per-step masks from their keys folded with it."""
         below = hs
         if i > 0 and keys is not None and self.dropout > 0:
             shape, key = None, keys[0][i - 1]
             if self.variational:
                 shape = (1, hs.shape[-1])
-            elif chunk is not None:
-                key = jax.random.fold_in(key, chunk)
+            elif start is not None:
+                key = jax.random.fold_in(key, start)
             hs = _dropout(hs, self.dropout, key, shape=shape)
         ys, finals = [], []
         for direction, cell in enumerate(self._layer(i)):
@@ -361,7 +368,7 @@ class StackedRNN(eqx.Module):
                 zoneout=self.zoneout,
                 key=None if keys is None else keys[1][i][direction],
                 inference=inference,
-                chunk=chunk,
+                start=start,
             )
             y, final = run(cell, inputs, next(states), direction)
             ys.append(y)
@@ -481,17 +488,24 @@ class StackedRNN(eqx.Module):
         inference = self.inference if inference is None else inference
         keys = self._keys(key, inference)
 
-        chunk = chunk_length(self.checkpoint, time)
-        if chunk is not None and not self.bidirectional:
-            outputs, finals = self._call_chunked(
-                xs, state, chunk, length, resets, keys, inference, all_layers
+        chunks = chunk_lengths(self.checkpoint, time)
+        if chunks is not None and not self.bidirectional:
+            return self._call_chunked(
+                xs,
+                state,
+                chunks,
+                length,
+                resets,
+                keys,
+                inference,
+                encode=lambda piece: piece,
+                decode=lambda outputs, _: tuple(outputs) if all_layers else outputs[-1],
             )
-            return (tuple(outputs) if all_layers else outputs[-1]), self._join(finals)
 
         def run(cell, inputs, layer_state, direction):
-            if chunk is not None:
+            if chunks is not None:
                 return self._run_direction_chunked(
-                    cell, inputs, layer_state, direction, chunk, length, resets
+                    cell, inputs, layer_state, direction, chunks, length, resets
                 )
             return run_layer(
                 cell,
@@ -513,14 +527,107 @@ class StackedRNN(eqx.Module):
             outputs.append(hs)
         return (tuple(outputs) if all_layers else hs), self._join(finals)
 
+    def transduce(
+        self,
+        encode: Callable[[PyTree], Float[Array, "time input"]],
+        decode: Callable[[Float[Array, "time output"], PyTree], PyTree],
+        inputs: PyTree,
+        state: StackState | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+    ) -> tuple[PyTree, StackState]:
+        """Maps a sequence to a sequence through the stack:
+        `decode(stack(encode(inputs))[0], inputs)`, but with `checkpoint` on a
+        unidirectional stack, `encode` and `decode` run inside each checkpointed
+        chunk of time, so neither the encoded inputs nor the top layer's outputs of
+        the whole sequence are ever stored; only what `decode` returns is. A model
+        whose inputs expand (token indices to one-hot vectors or embeddings) and whose
+        per-step loss reduces the outputs then trains in memory that grows with the
+        chunks, not with `time` (see "Long sequences" on the sequences page).
+
+        **Arguments:**
+
+        - `encode`: maps a chunk of `inputs` to the bottom layer's inputs, an array
+          of shape `(steps, input_size)`; `steps` is the chunk's length.
+        - `decode`: maps the top layer's outputs on a chunk, shape
+          `(steps, output_size)`, and the same chunk of `inputs` to a PyTree of
+          arrays whose leading axis has length `steps`.
+        - `inputs`: a PyTree of arrays whose leading axis is time, e.g. token
+          indices of shape `(time,)`, or `(tokens, targets)`.
+        - `state`: the initial state, structured as `init_state()`; zeros if omitted.
+        - `key`, `inference`: as in `__call__`. (Keyword only arguments.)
+
+        Both functions must work step by step: what they give for a step may depend
+        on that step alone, which is what makes running them chunk by chunk equal to
+        running them once. A bidirectional stack cannot stream (its backward
+        direction reads the whole sequence first), so it encodes and decodes the
+        whole sequence around the call.
+
+        **Returns:**
+
+        `(decoded, final_state)`: `decode`'s results joined along time, and every
+        layer's state after the last step, as `__call__` returns it. Same numbers as
+        `decode(self(encode(inputs), state)[0], inputs)` up to float rounding, with
+        `__call__`'s masks.
+        """
+        leaves = jax.tree.leaves(inputs)
+        if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves):
+            raise ValueError(
+                "`inputs` must be a PyTree of arrays whose leading axis is time, "
+                f"got {inputs!r}"
+            )
+        time = jnp.shape(leaves[0])[0]
+        if any(jnp.shape(leaf)[0] != time for leaf in leaves):
+            raise ValueError(
+                "`inputs`' arrays must share their leading (time) axis, got shapes "
+                f"{[jnp.shape(leaf) for leaf in leaves]}"
+            )
+        encoded = jax.eval_shape(encode, inputs)
+        check_sequence("encode(inputs)", encoded, self.input_size)
+        if encoded.shape[0] != time:
+            raise ValueError(
+                f"`encode(inputs)` must have one row per step ({time}), got shape "
+                f"{encoded.shape}"
+            )
+        outputs = jax.ShapeDtypeStruct((time, self.output_size), encoded.dtype)
+        decoded = jax.eval_shape(decode, outputs, inputs)
+        if any(jnp.shape(leaf)[:1] != (time,) for leaf in jax.tree.leaves(decoded)):
+            raise ValueError(
+                "`decode` must return arrays whose leading axis is time "
+                f"({time}), got {decoded}"
+            )
+        chunks = chunk_lengths(self.checkpoint, time)
+        if chunks is None or self.bidirectional:
+            ys, state = self(encode(inputs), state, key=key, inference=inference)
+            return decode(ys, inputs), state
+        if state is None:
+            state = self.init_state()
+        else:
+            check_like("state", state, self.init_state())
+        inference = self.inference if inference is None else inference
+        return self._call_chunked(
+            inputs,
+            state,
+            chunks,
+            None,
+            None,
+            self._keys(key, inference),
+            inference,
+            encode=encode,
+            decode=lambda outputs, piece: decode(outputs[-1], piece),
+        )
+
     def _call_chunked(
-        self, xs, state, chunk, length, resets, keys, inference, all_layers
+        self, inputs, state, chunks, length, resets, keys, inference, *, encode, decode
     ):
         """A unidirectional stack, checkpointed: the chunks of time outside, all
-        layers inside each chunk. Returns every layer's outputs if `all_layers`, else
-        the top layer's only, and the final states."""
+        layers inside each chunk. Within a chunk, `encode(inputs_chunk)` gives the
+        bottom layer's inputs and `decode(outputs, inputs_chunk)`, `outputs` being
+        every layer's outputs, what the chunk returns. Returns `(decoded, state)`:
+        the chunks' decoded values joined along time, and the final state."""
 
-        def layers(hs, layer_states, index, chunk_length, chunk_resets):
+        def layers(piece, layer_states, start, chunk_length, chunk_resets):
             def run(cell, inputs, layer_state, direction):
                 del direction
                 return run_layer(
@@ -535,33 +642,36 @@ class StackedRNN(eqx.Module):
                 )
 
             states = iter(layer_states)
+            hs = encode(piece)
             outputs, finals = [], []
             for i in range(self.num_layers):
                 hs, layer_finals = self._run_layer(
-                    i, hs, states, keys, inference, run, chunk=index
+                    i, hs, states, keys, inference, run, start=start
                 )
                 finals += layer_finals
-                if all_layers or i == self.num_layers - 1:
-                    outputs.append(hs)
-            return outputs, finals
+                outputs.append(hs)
+            return decode(outputs, piece), finals
 
-        return run_chunked(
+        decoded, finals = run_chunked(
             layers,
-            xs,
+            inputs,
             self._split(state),
             [cell.init_state() for cell in self.cells],
-            chunk=chunk,
+            chunks=chunks,
             reverse=self.reverse,
             length=length,
             resets=resets,
         )
+        return decoded, self._join(finals)
 
-    def _run_direction_chunked(self, cell, xs, state, direction, chunk, length, resets):
+    def _run_direction_chunked(
+        self, cell, xs, state, direction, chunks, length, resets
+    ):
         """One direction of one layer of a bidirectional stack, checkpointed on its
         own (its inputs already carry every mask it reads)."""
 
-        def layers(hs, states, index, chunk_length, chunk_resets):
-            del index
+        def layers(hs, states, start, chunk_length, chunk_resets):
+            del start
             ys, final = run_layer(
                 cell,
                 hs,
@@ -572,14 +682,14 @@ class StackedRNN(eqx.Module):
                 resets=chunk_resets,
                 fast=self.fast,
             )
-            return [ys], [final]
+            return ys, [final]
 
-        (ys,), (final,) = run_chunked(
+        ys, (final,) = run_chunked(
             layers,
             xs,
             [state],
             [cell.init_state()],
-            chunk=chunk,
+            chunks=chunks,
             reverse=direction == 1,
             length=length,
             resets=resets,

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import assume, example, given, strategies as st
 
 import stackrnn
-from stackrnn._chunked import chunk_length
+from stackrnn._chunked import chunk_lengths
 from stackrnn._layer import scan_reference
 from stackrnn._regularise import dropout, split_keys, Zoneout, zoneout_masks
 
@@ -63,7 +63,12 @@ def _weighted_sum(tree):
     return total
 
 
-chunks = st.one_of(st.just(True), st.integers(1, 10))
+# One level (`True`, a length) or nested levels (a tuple of lengths, outermost first).
+chunks = st.one_of(
+    st.just(True),
+    st.integers(1, 10),
+    st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple),
+)
 
 
 @fewer()
@@ -106,6 +111,19 @@ chunks = st.one_of(st.just(True), st.integers(1, 10))
     fast=True,
     all_layers=False,
     seed=1,
+)
+# Nested chunks that do not divide each other or time, read backwards with resets
+# at inner and outer chunk boundaries.
+@example(
+    cfg=Config(kind="gru", input_size=2, widths=(3, 4), bias=True, time=9),
+    direction="reverse",
+    chunk=(4, 3),
+    lengths=[8, 9],
+    flags=[[False, False, False, True, True, False, False, True, False]] * 2,
+    unroll=1,
+    fast=None,
+    all_layers=False,
+    seed=2,
 )
 def test_checkpointed_equals_plain(
     cfg, direction, chunk, lengths, flags, unroll, fast, all_layers, seed
@@ -213,22 +231,37 @@ def test_sequence_masks_are_the_plain_ones(cfg, direction, chunk, regularisers, 
     )
 
 
-def _by_chunks(stack, xs, size, key):
+def _innermost_chunks(time, lengths, offset=0):
+    """`(first step, size)` of every innermost chunk of `time` steps cut into
+    chunks of `lengths[0]` steps, each of those into chunks of `lengths[1]`, and so
+    on; in time order."""
+    found = []
+    for start in range(0, time, lengths[0]):
+        size = min(lengths[0], time - start)
+        if len(lengths) > 1:
+            found += _innermost_chunks(size, lengths[1:], offset + start)
+        else:
+            found.append((offset + start, size))
+    return found
+
+
+def _by_chunks(stack, xs, lengths, key):
     """A unidirectional stack with dropout and zoneout (no other regulariser), by
-    Python loops over chunks (last first for `reverse`) and layers: chunk `c` draws
-    the input dropout of layer `l` from `fold_in(dropout key of l, c)` and its
-    zoneout masks from `fold_in(zoneout key of l, c)`, the keys being those the
-    plain stack splits from `key`."""
+    Python loops over the innermost chunks (last first for `reverse`) and layers:
+    the chunk from step `s` draws the input dropout of layer `l` from
+    `fold_in(dropout key of l, s)` and its zoneout masks from
+    `fold_in(zoneout key of l, s)`, the keys being those the plain stack splits from
+    `key`."""
     input_keys, cell_keys = split_keys(key, stack.num_layers, 1)
     state = stack._split(stack.init_state())
-    starts = list(range(0, len(xs), size))
+    pieces = _innermost_chunks(len(xs), lengths)
     ys = {}
-    for c, start in list(enumerate(starts))[:: -1 if stack.reverse else 1]:
+    for start, size in pieces[:: -1 if stack.reverse else 1]:
         hs = xs[start : start + size]
         for i, cell in enumerate(stack.cells):
             if i > 0:
-                hs = dropout(hs, stack.dropout, jr.fold_in(input_keys[i - 1], c))
-            k_zoneout = jr.fold_in(jr.split(cell_keys[i][0], 3)[2], c)
+                hs = dropout(hs, stack.dropout, jr.fold_in(input_keys[i - 1], start))
+            k_zoneout = jr.fold_in(jr.split(cell_keys[i][0], 3)[2], start)
             rates = (stack.zoneout,) * len(jax.tree.leaves(cell.init_state()))
             keep = zoneout_masks(k_zoneout, rates, cell.init_state(), len(hs), hs.dtype)
             hs, state[i] = scan_reference(
@@ -237,8 +270,8 @@ def _by_chunks(stack, xs, size, key):
                 state[i],
                 reverse=stack.reverse,
             )
-        ys[c] = hs
-    return jnp.concatenate([ys[c] for c in range(len(starts))]), stack._join(state)
+        ys[start] = hs
+    return jnp.concatenate([ys[s] for s, _ in pieces]), stack._join(state)
 
 
 @fewer()
@@ -257,7 +290,7 @@ def test_step_masks_are_drawn_per_chunk(cfg, reverse, chunk, seed):
         make_cells(cfg, kc), reverse=reverse, dropout=0.5, zoneout=0.3, checkpoint=chunk
     )
     xs = inputs(cfg, kx)
-    size = chunk_length(chunk, cfg.time)
+    lengths = chunk_lengths(chunk, cfg.time)
 
     def loss(model, key, run):
         outputs = run(model, key)
@@ -265,7 +298,7 @@ def test_step_masks_are_drawn_per_chunk(cfg, reverse, chunk, seed):
 
     both = eqx.filter_jit(eqx.filter_grad(loss, has_aux=True))
     got = both(stack, kd, lambda m, k: m(xs, key=k))
-    want = both(stack, kd, lambda m, k: _by_chunks(m, xs, size, k))
+    want = both(stack, kd, lambda m, k: _by_chunks(m, xs, lengths, k))
     assert tree_allclose(got, want, **TOL32)
     with pytest.raises(RuntimeError, match="requires a `key`"):
         stack(xs)
@@ -286,7 +319,7 @@ def _primitives(jaxpr):
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
-@pytest.mark.parametrize("checkpoint", [False, True, 3])
+@pytest.mark.parametrize("checkpoint", [False, True, 3, (4, 2)])
 def test_the_checkpoint_is_in_the_program(bidirectional, checkpoint, getkey):
     stack = stackrnn.LSTM(
         3,
@@ -325,18 +358,21 @@ def test_compiled_memory_grows_sublinearly_with_checkpointing(getkey):
     assert checkpointed[1] < plain[1] / 8
 
 
-def test_chunk_length():
-    assert [chunk_length(True, t) for t in (1, 2, 4, 5, 16, 17, 16384)] == [
-        1,
-        2,
-        2,
-        3,
-        4,
-        5,
-        128,
+def test_chunk_lengths():
+    assert [chunk_lengths(True, t) for t in (1, 2, 4, 5, 16, 17, 16384)] == [
+        (1,),
+        (2,),
+        (2,),
+        (3,),
+        (4,),
+        (5,),
+        (128,),
     ]
-    assert all(chunk_length(True, t) == math.ceil(math.sqrt(t)) for t in range(1, 999))
-    assert chunk_length(7, 3) == 7 and chunk_length(False, 3) is None
+    assert all(
+        chunk_lengths(True, t) == (math.ceil(math.sqrt(t)),) for t in range(1, 999)
+    )
+    assert chunk_lengths(7, 3) == (7,) and chunk_lengths(False, 3) is None
+    assert chunk_lengths((8, 2), 3) == (8, 2)
 
 
 def test_constructors_pass_checkpoint_on(getkey):
@@ -350,13 +386,13 @@ def test_constructors_pass_checkpoint_on(getkey):
 
 def test_bad_checkpoint_values(getkey):
     cells = [stackrnn.GRUCell(3, 4, key=getkey())]
-    for bad in (0, -2):
+    for bad in (0, -2, (4, 0)):
         with pytest.raises(
-            ValueError, match=rf"`checkpoint` must be a chunk.*got {bad}"
+            ValueError, match=r"`checkpoint`'s chunk lengths must be >= 1, got"
         ):
             stackrnn.StackedRNN(cells, checkpoint=bad)
-    for bad in (2.5, "yes", None):
-        with pytest.raises(TypeError, match=r"`checkpoint` must be True, False or"):
+    for bad in (2.5, "yes", None, (), (4, 2.0), (4, True), [4, 2]):
+        with pytest.raises(TypeError, match=r"`checkpoint` must be True, False, a"):
             stackrnn.StackedRNN(cells, checkpoint=bad)
     with pytest.raises(ValueError, match="`checkpoint`"):
         stackrnn.LSTM(3, 4, checkpoint=0, key=getkey())
