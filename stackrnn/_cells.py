@@ -138,14 +138,46 @@ def _weight_hr(init, key, dtype, hidden_size, proj_size):
     return init(key, shape, dtype, role="weight_hr", hidden_size=hidden_size)
 
 
-def _gru_update(gates_x, gates_h, h):
-    """PyTorch's GRU update from the two projections, each split r, z, n."""
+def _gru_gates(gates_x, gates_h, h):
+    """The GRU's new state, and the gates `r`, `z`, `n` and the projection `h_n`
+    that its derivative reads."""
     x_r, x_z, x_n = jnp.split(gates_x, 3)
     h_r, h_z, h_n = jnp.split(gates_h, 3)
     r = jax.nn.sigmoid(x_r + h_r)
     z = jax.nn.sigmoid(x_z + h_z)
     n = jnp.tanh(x_n + r * h_n)
-    return (1 - z) * n + z * h
+    return (1 - z) * n + z * h, (r, z, n, h_n)
+
+
+@jax.custom_jvp
+def _gru_update(gates_x, gates_h, h):
+    """PyTorch's GRU update from the two projections, each split r, z, n.
+
+    The derivative is written out so that reverse mode keeps four arrays per step
+    (`r`, `z`, `n`, `h_n`; `h` is kept for `weight_hh`'s gradient anyway) where
+    differentiating the formula kept eight (`1 - z`, `z * (1 - z)`, ...). A layer's
+    scan stacks every kept array over time; at small widths writing those stacks
+    cost more than the arithmetic (the Time Machine experiment's epoch, 2 x 32 GRU:
+    about 10 % faster)."""
+    return _gru_gates(gates_x, gates_h, h)[0]
+
+
+@_gru_update.defjvp
+def _gru_update_jvp(primals, tangents):
+    gates_x, gates_h, h = primals
+    d_gates_x, d_gates_h, d_h = tangents
+    new, (r, z, n, h_n) = _gru_gates(gates_x, gates_h, h)
+    dx_r, dx_z, dx_n = jnp.split(d_gates_x, 3)
+    dh_r, dh_z, dh_n = jnp.split(d_gates_h, 3)
+    # s' = s (1 - s) and tanh' = 1 - n^2, written as products of the tangent with the
+    # kept arrays alone: `1 - s` or `h - n` would each be kept as one more array.
+    a = (dx_r + dh_r) * r
+    d_r = a - a * r
+    b = (dx_z + dh_z) * z
+    d_z = b - b * z
+    c = dx_n + d_r * h_n + r * dh_n
+    d_n = c - c * n * n
+    return new, d_n - z * d_n + z * d_h + h * d_z - n * d_z
 
 
 def _lstm_memory(gates, c):

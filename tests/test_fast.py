@@ -152,4 +152,4 @@ def test_default_picks_the_path_by_width(width, fast):
     """`fast=None` takes the fast path from `hidden_size` 512 on (traced, not run)."""
     stack = stackrnn.GRU(2, width, key=jr.key(0))
     jaxpr = str(jax.make_jaxpr(stack)(jnp.zeros((2, 2))))
-    assert ("custom_jvp_call" in jaxpr) == fast
+    assert ("custom_vjp_call" in jaxpr) == fast
