@@ -4,17 +4,26 @@
 For every cell, sequence length T, loss and setting, compiles one training step, the
 jitted `jax.value_and_grad` of a loss over `jax.vmap(stack)` on a batch, and reads
 XLA's memory analysis of the compiled program: the sizes of its arguments, outputs
-and temporary buffers (nothing is run for this). Two losses:
+and temporary buffers (nothing is run for this). Three losses:
 
 - `outputs`: the mean square of every output, as a per-step loss (a language model's)
   needs: the outputs and their gradient are kept, `O(T)` whatever the stack does;
 - `final`: the square of the final state only: no output sequence is kept, so what
-  remains is what the stack's backward pass itself needs.
+  remains is what the stack's backward pass itself needs;
+- `lm`: a language model's training step, `stackrnn.sequence_loss` of an `RNNLM`
+  reading token indices (a vocabulary of `--input` tokens, one-hot) with next-token
+  targets: with checkpointing, `StackedRNN.transduce` runs the one-hot encoding,
+  the readout and the cross-entropy inside each chunk, so only the tokens grow with
+  T.
+
+Three settings: `off` (no checkpointing), `on` (`checkpoint=True`, chunks of
+`ceil(sqrt(T))` steps) and `nested` (`checkpoint=(round(T ** (2/3)),
+round(T ** (1/3)))`, chunks of chunks).
 
 `--rss` also runs a few of the points, each in a fresh subprocess, and samples the
 process's resident memory while the step runs, to check that XLA's numbers are what
-the CPU backend really allocates. `--time-at T` times one step with and without
-checkpointing at that T (median of `--repeats` runs, alternating, one process).
+the CPU backend really allocates. `--time-at T` times one step of every loss in
+every setting at that T (median of `--repeats` runs, alternating, one process).
 
     python benchmarks/bench_memory.py                       # the docs' table
     python benchmarks/bench_memory.py --cells gru --times 1024 4096 --rss
@@ -41,19 +50,43 @@ import stackrnn
 
 MAKE = {"rnn": stackrnn.RNN, "gru": stackrnn.GRU, "lstm": stackrnn.LSTM}
 MiB = 2**20
+LOSSES = ("outputs", "final", "lm")
 
 
-def step_fn(cell, args, checkpoint, loss, time_steps):
+SETTINGS = {
+    "off": lambda t: False,
+    "on": lambda t: True,
+    "nested": lambda t: (round(t ** (2 / 3)), round(t ** (1 / 3))),
+}
+
+
+def step_fn(cell, args, setting, loss, time_steps):
     """The jitted training step (value and parameter gradients) and its arguments."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     stack = MAKE[cell](
         args.input,
         args.hidden,
         args.layers,
-        checkpoint=checkpoint,
-        key=jax.random.key(0),
+        checkpoint=SETTINGS[setting](time_steps),
+        key=k1,
     )
+    shape = (args.batch, time_steps)
+    if loss == "lm":
+        model = stackrnn.RNNLM(stack, args.input, key=k2)
+        params, static = eqx.partition(model, eqx.is_array)
+        tokens = jax.random.randint(k3, (args.batch, time_steps + 1), 0, args.input)
+
+        def objective(params, tokens):
+            lm = eqx.combine(params, static)
+            losses = jax.vmap(stackrnn.sequence_loss, (None, 0, 0))(
+                lm, tokens[:, :-1], tokens[:, 1:]
+            )
+            return jnp.mean(losses)
+
+        return jax.jit(jax.value_and_grad(objective)), (params, tokens)
+
     params, static = eqx.partition(stack, eqx.is_array)
-    xs = jax.random.normal(jax.random.key(1), (args.batch, time_steps, args.input))
+    xs = jax.random.normal(k3, (*shape, args.input))
 
     def objective(params, xs):
         ys, state = jax.vmap(eqx.combine(params, static))(xs)
@@ -64,8 +97,8 @@ def step_fn(cell, args, checkpoint, loss, time_steps):
     return jax.jit(jax.value_and_grad(objective)), (params, xs)
 
 
-def memory(cell, args, checkpoint, loss, time_steps):
-    f, inputs = step_fn(cell, args, checkpoint, loss, time_steps)
+def memory(cell, args, setting, loss, time_steps):
+    f, inputs = step_fn(cell, args, setting, loss, time_steps)
     start = time.perf_counter()
     compiled = f.lower(*inputs).compile()
     seconds = time.perf_counter() - start
@@ -74,7 +107,7 @@ def memory(cell, args, checkpoint, loss, time_steps):
         "cell": cell,
         "T": time_steps,
         "loss": loss,
-        "checkpoint": checkpoint,
+        "checkpoint": setting,
         "temp": m.temp_size_in_bytes,
         "arguments": m.argument_size_in_bytes,
         "outputs": m.output_size_in_bytes,
@@ -87,11 +120,11 @@ def memory(cell, args, checkpoint, loss, time_steps):
     }
 
 
-def largest_arrays(cell, args, checkpoint, loss, time_steps, count=8):
+def largest_arrays(cell, args, setting, loss, time_steps, count=8):
     """The largest arrays the compiled step's top level creates (not nested loop
     bodies): a profile of where the memory goes. Returns (MiB, opcode, shape, the
     JAX operation it came from)."""
-    f, inputs = step_fn(cell, args, checkpoint, loss, time_steps)
+    f, inputs = step_fn(cell, args, setting, loss, time_steps)
     text = f.lower(*inputs).compile().as_text()
     entry = text[text.index("\nENTRY ") :]
     entry = entry[: entry.index("\n}")]
@@ -113,8 +146,11 @@ def largest_arrays(cell, args, checkpoint, loss, time_steps, count=8):
 
 
 def floor(args, loss, time_steps):
-    """Bytes that grow with T whatever the stack does: the inputs, and for the
-    `outputs` loss the output sequence and its gradient (float32)."""
+    """Bytes that grow with T whatever the stack does: the inputs (for `lm`, the
+    `T + 1` int32 tokens), and for the `outputs` loss the output sequence and its
+    gradient (float32)."""
+    if loss == "lm":
+        return 4 * args.batch * (time_steps + 1)
     per_step = args.input + (2 * args.hidden if loss == "outputs" else 0)
     return 4 * args.batch * time_steps * per_step
 
@@ -124,11 +160,11 @@ def _resident():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def rss_point(cell, args, checkpoint, loss, time_steps):
+def rss_point(cell, args, setting, loss, time_steps):
     """Compiles one step, then runs it once; returns the peak rise of resident
     memory during the run, sampled every millisecond. (The first run: after it the
     allocator may keep freed buffers resident, which would hide a second run's.)"""
-    f, inputs = step_fn(cell, args, checkpoint, loss, time_steps)
+    f, inputs = step_fn(cell, args, setting, loss, time_steps)
     compiled = f.lower(*inputs).compile()
     jax.block_until_ready(inputs)
     before, peak, done = _resident(), [0], threading.Event()
@@ -146,31 +182,32 @@ def rss_point(cell, args, checkpoint, loss, time_steps):
     return max(0, peak[0] - before)
 
 
-def timing(cell, args, time_steps):
-    """Median seconds of one step without and with checkpointing, alternating."""
+def timing(cell, args, loss, time_steps):
+    """Median seconds of one step in every setting, alternating."""
     runs = {}
-    for checkpoint in (False, True):
-        f, inputs = step_fn(cell, args, checkpoint, "outputs", time_steps)
+    for setting in args.settings:
+        f, inputs = step_fn(cell, args, setting, loss, time_steps)
         compiled = f.lower(*inputs).compile()
         jax.block_until_ready(compiled(*inputs))  # warm-up
-        runs[checkpoint] = (compiled, inputs, [])
+        runs[setting] = (compiled, inputs, [])
     for _ in range(args.repeats):
         for compiled, inputs, times in runs.values():
             start = time.perf_counter()
             jax.block_until_ready(compiled(*inputs))
             times.append(time.perf_counter() - start)
-    return {str(k): statistics.median(v[2]) for k, v in runs.items()}
-
-
-def _setting(checkpoint):
-    return "on" if checkpoint else "off"
+    return {k: statistics.median(v[2]) for k, v in runs.items()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", nargs="+", default=["gru", "lstm"], choices=MAKE)
     parser.add_argument("--times", nargs="+", type=int, default=[1024, 4096, 16384])
-    parser.add_argument("--losses", nargs="+", default=["outputs", "final"])
+    parser.add_argument(
+        "--losses", nargs="+", default=["outputs", "final", "lm"], choices=LOSSES
+    )
+    parser.add_argument(
+        "--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS
+    )
     parser.add_argument("--input", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
@@ -186,8 +223,8 @@ def main():
     args = parser.parse_args()
 
     if args.rss_point:  # a subprocess of --rss
-        cell, checkpoint, loss, time_steps = args.rss_point
-        print(rss_point(cell, args, checkpoint == "on", loss, int(time_steps)))
+        cell, setting, loss, time_steps = args.rss_point
+        print(rss_point(cell, args, setting, loss, int(time_steps)))
         return
 
     print(
@@ -203,15 +240,15 @@ def main():
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for cell in args.cells:
         for loss in args.losses:
-            for checkpoint in (False, True):
+            for setting in args.settings:
                 first = None
                 for t in args.times:
-                    row = memory(cell, args, checkpoint, loss, t)
+                    row = memory(cell, args, setting, loss, t)
                     row["floor"] = floor(args, loss, t)
                     first = first or row["total"]
                     rows.append(row)
                     print(
-                        f"| {cell} | {loss} | {t} | {_setting(checkpoint)} | "
+                        f"| {cell} | {loss} | {t} | {setting} | "
                         f"{row['total'] / MiB:.1f} | {row['temp'] / MiB:.1f} | "
                         f"{row['arguments'] / MiB:.1f} | {row['floor'] / MiB:.1f} | "
                         f"{(row['total'] - row['floor']) / MiB:.1f} | "
@@ -221,19 +258,20 @@ def main():
 
     checks = []
     if args.rss:
-        # The largest points without and with checkpointing, one subprocess each.
+        # The shortest and longest points of the first cell and loss, in every
+        # setting, one subprocess each.
         points = [
-            (args.cells[0], checkpoint, "outputs", t)
+            (args.cells[0], setting, args.losses[0], t)
             for t in (args.times[0], args.times[-1])
-            for checkpoint in (False, True)
+            for setting in args.settings
         ]
         print(
             "\n| cell | loss | T | checkpoint | XLA temp + outputs MiB | RSS rise MiB |"
         )
         print("| --- | --- | ---: | --- | ---: | ---: |")
-        for cell, checkpoint, loss, t in points:
+        for cell, setting, loss, t in points:
             command = [sys.executable, __file__, "--rss-point", cell]
-            command += [_setting(checkpoint), loss, str(t)]
+            command += [setting, loss, str(t)]
             for name in ("input", "hidden", "layers", "batch"):
                 command += [f"--{name}", str(getattr(args, name))]
             rise = int(subprocess.run(command, capture_output=True, check=True).stdout)
@@ -241,12 +279,12 @@ def main():
                 r
                 for r in rows
                 if (r["cell"], r["checkpoint"], r["loss"], r["T"])
-                == (cell, checkpoint, loss, t)
+                == (cell, setting, loss, t)
             ]
             xla = row["temp"] + row["outputs"]
             checks.append({**row, "rss_rise": rise})
             print(
-                f"| {cell} | {loss} | {t} | {_setting(checkpoint)} | "
+                f"| {cell} | {loss} | {t} | {setting} | "
                 f"{xla / MiB:.1f} | {rise / MiB:.1f} |",
                 flush=True,
             )
@@ -260,23 +298,22 @@ def main():
         print("\n| MiB | XLA operation | shape | from |")
         print("| ---: | --- | --- | --- |")
         for size, opcode, shape, origin in largest_arrays(
-            cell, args, True, "outputs", args.profile
+            cell, args, "on", "outputs", args.profile
         ):
             profile.append([size, opcode, shape, origin])
             print(f"| {size:.1f} | {opcode} | {shape} | `{origin}` |")
 
     timings = {}
     if args.time_at:
-        print("\n| cell | T | step without (s) | step with (s) | with / without |")
-        print("| --- | ---: | ---: | ---: | ---: |")
+        names = " | ".join(f"{s} (s) | {s} / off" for s in args.settings)
+        print(f"\n| cell | loss | T | {names} |")
+        print("| --- | --- | ---: |" + " ---: | ---: |" * len(args.settings))
         for cell in args.cells:
-            t = timing(cell, args, args.time_at)
-            timings[cell] = t
-            print(
-                f"| {cell} | {args.time_at} | {t['False']:.2f} | {t['True']:.2f} | "
-                f"{t['True'] / t['False']:.2f} |",
-                flush=True,
-            )
+            for loss in args.losses:
+                t = timing(cell, args, loss, args.time_at)
+                timings[f"{cell} {loss}"] = t
+                cells = " | ".join(f"{t[s]:.2f} | {t[s] / t['off']:.2f}" for s in t)
+                print(f"| {cell} | {loss} | {args.time_at} | {cells} |", flush=True)
 
     if args.json:
         with open(args.json, "w") as f:

@@ -72,36 +72,47 @@ class History:
 
 
 def _batches(order: Int[Array, " n"], batch_size: int, dtype, multiple: int = 1):
-    """Splits `order` into batches of `batch_size`, the last one padded with window
-    0, and every batch padded with window 0 to a multiple of `multiple` (the number
-    of devices it is split between); the mask is 1 for real windows and 0 for
-    padding."""
+    """Splits `order` into batches of `batch_size` and, when `batch_size` does not
+    divide it, one last batch of the remaining windows (d2l's `DataLoader`). Returns
+    one `(order, mask)` pair per batch size, each of shape `(batches, size)`: the
+    full batches, then the short one. Every batch is padded with window 0 to a
+    multiple of `multiple` (the number of devices it is split between); the mask is
+    1 for real windows and 0 for padding. The short batch is not padded to
+    `batch_size`: its padding would cost as much as real windows."""
     n = order.shape[0]
-    num_batches = -(-n // batch_size)
-    pad = num_batches * batch_size - n
-    order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
-    mask = (jnp.arange(num_batches * batch_size) < n).astype(dtype)
-    order, mask = order.reshape(num_batches, -1), mask.reshape(num_batches, -1)
-    if batch_size % multiple:
-        columns = ((0, 0), (0, multiple - batch_size % multiple))
-        order, mask = jnp.pad(order, columns), jnp.pad(mask, columns)
-    return order, mask
+    full = n // batch_size
+    groups = [order[: full * batch_size].reshape(full, batch_size)] if full else []
+    if n % batch_size:
+        groups.append(order[full * batch_size :][None])
+    pairs = []
+    for group in groups:
+        pad = -group.shape[1] % multiple
+        mask = jnp.ones(group.shape, dtype)
+        pairs.append(
+            (jnp.pad(group, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad))))
+        )
+    return pairs
+
+
+# Validation batches hold up to this many training batches' windows.
+VAL_BATCHES = 8
 
 
 def _batch_loss(model, x, y, mask, key, inference, num_keys=None):
     """Mean loss over the real windows of a batch: padded windows weigh nothing, so a
     short last batch is exactly the mean over its windows, as d2l's `DataLoader`.
 
-    The dropout keys are `split(key, num_keys)` (default: one per window), repeated
-    over windows beyond `num_keys`: a batch padded for several devices draws the
-    masks of the unpadded one. Weight drop draws one mask for the whole batch, as
-    AWD-LSTM does (`StackedRNN.drop_weights`): one per window would multiply the
-    recurrent weights by the batch size."""
+    The dropout keys are the first `x.shape[0]` of `split(key, num_keys)` (default:
+    one per window), repeated over windows beyond `num_keys`: a short last batch
+    draws the masks of a full one's first windows, and a batch padded for several
+    devices those of the unpadded one. Weight drop draws one mask for the whole
+    batch, as AWD-LSTM does (`StackedRNN.drop_weights`): one per window would
+    multiply the recurrent weights by the batch size."""
     if not inference and model.rnn.weight_drop > 0:
         key, weight_key = jax.random.split(key)
         model = eqx.tree_at(lambda m: m.rnn, model, model.rnn.drop_weights(weight_key))
     keys = jax.random.split(key, num_keys or x.shape[0])
-    if keys.shape[0] < x.shape[0]:
+    if keys.shape[0] != x.shape[0]:
         keys = keys[jnp.arange(x.shape[0]) % keys.shape[0]]
     losses = jax.vmap(
         lambda x, y, k: sequence_loss(model, x, y, key=k, inference=inference)
@@ -131,7 +142,7 @@ def _epoch(
         return tuple(jax.lax.with_sharding_constraint(a, sharding) for a in arrays)
 
     perm_key, step_key = jax.random.split(key)
-    order, mask = _batches(
+    batches = _batches(
         jax.random.permutation(perm_key, train_x.shape[0]), batch_size, dtype, devices
     )
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -146,12 +157,15 @@ def _epoch(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (eqx.apply_updates(params, updates), opt_state), loss * jnp.sum(m)
 
-    step_keys = jax.random.split(step_key, order.shape[0])
-    (params, opt_state), losses = jax.lax.scan(
-        step, (params, opt_state), (order, mask, step_keys)
-    )
+    step_keys = jax.random.split(step_key, sum(order.shape[0] for order, _ in batches))
+    carry, train_total, start = (params, opt_state), 0.0, 0
+    for order, mask in batches:  # the full batches, then the short one
+        keys = step_keys[start : start + order.shape[0]]
+        carry, losses = jax.lax.scan(step, carry, (order, mask, keys))
+        train_total, start = train_total + jnp.sum(losses), start + order.shape[0]
+    params, opt_state = carry
     model = eqx.combine(params, static)
-    train_loss = jnp.sum(losses) / train_x.shape[0]
+    train_loss = train_total / train_x.shape[0]
 
     def evaluate(total, batch):
         idx, m = batch
@@ -159,10 +173,13 @@ def _epoch(
         loss = _batch_loss(model, x, y, m, key, True)
         return total + loss * jnp.sum(m), None
 
-    val_order, val_mask = _batches(
-        jnp.arange(val_x.shape[0]), batch_size, dtype, devices
-    )
-    val_total, _ = jax.lax.scan(evaluate, jnp.zeros((), dtype), (val_order, val_mask))
+    # Validation keeps nothing for a backward pass: batches of up to 8x the
+    # training batch cost no more memory and run fewer, larger products.
+    val_total = jnp.zeros((), dtype)
+    for batch in _batches(
+        jnp.arange(val_x.shape[0]), VAL_BATCHES * batch_size, dtype, devices
+    ):
+        val_total, _ = jax.lax.scan(evaluate, val_total, batch)
     return model, opt_state, train_loss, val_total / val_x.shape[0]
 
 

@@ -30,22 +30,30 @@ def tiny_model(data, key, cell=stackrnn.GRU):
     return stackrnn.RNNLM(rnn, len(data.vocab), key=k2)
 
 
-@given(n=st.integers(1, 40), batch_size=st.integers(1, 16))
-def test_batches_cover_every_window_once(n, batch_size):
+@given(n=st.integers(1, 40), batch_size=st.integers(1, 16), multiple=st.integers(1, 3))
+def test_batches_cover_every_window_once(n, batch_size, multiple):
     order = jnp.arange(n)[::-1]
-    batches, mask = _batches(order, batch_size, jnp.float32)
-    assert batches.shape == mask.shape == (-(-n // batch_size), batch_size)
-    np.testing.assert_array_equal(batches.ravel()[mask.ravel() == 1], order)
-    # Only the last batch is short, and it keeps all remaining windows (d2l's
-    # DataLoader with drop_last=False).
-    np.testing.assert_array_equal(mask[:-1], 1)
-    assert mask[-1].sum() == n - batch_size * (len(mask) - 1)
+    pairs = _batches(order, batch_size, jnp.float32, multiple)
+    # Full batches, then one short batch with all remaining windows (d2l's
+    # DataLoader with drop_last=False), nothing padded but to the device multiple.
+    sizes = [batch_size] * (n // batch_size) + (
+        [n % batch_size] if n % batch_size else []
+    )
+    got_sizes = [int(m.sum()) for _, mask in pairs for m in mask]
+    assert got_sizes == sizes
+    for idx, mask in pairs:
+        assert idx.shape == mask.shape and idx.shape[1] % multiple == 0
+        assert idx.shape[1] - int(mask[0].sum()) < multiple
+    real = np.concatenate([np.asarray(i)[np.asarray(m) == 1] for i, m in pairs])
+    np.testing.assert_array_equal(real, order)
 
 
 def test_padded_batch_is_the_mean_over_real_windows(data, getkey):
     model = tiny_model(data, getkey())
     x, y = jnp.asarray(data.train_x[:5]), jnp.asarray(data.train_y[:5])
-    idx, mask = _batches(jnp.arange(5), 8, jnp.float32)
+    # 5 windows, padded to 8 as for 8 devices.
+    ((idx, mask),) = _batches(jnp.arange(5), 8, jnp.float32, 8)
+    assert idx.shape == (1, 8)
     key = getkey()
 
     def padded(m):
