@@ -61,12 +61,12 @@ def workloads(cell, data, key):
     optimizer = stackrnn.default_optimizer()
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
-    def epoch(model, opt_state):
+    def epoch(model, opt_state, data):
         return _epoch.__wrapped__(model, opt_state, data, k3, optimizer, 1024)
 
     return {
         "stack fwd+bwd": (eqx.filter_jit(stack), (model.rnn, xs)),
-        "epoch": (eqx.filter_jit(epoch), (model, opt_state)),
+        "epoch": (eqx.filter_jit(epoch), (model, opt_state, data)),
     }
 
 
