@@ -1,3 +1,4 @@
+import gc
 import os
 
 import jax
@@ -39,3 +40,14 @@ def getkey():
         return sub
 
     return _getkey
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops every compiled program after each test module. JAX keeps them all for
+    the life of the process, and XLA:CPU maps memory for each: the whole suite
+    compiles enough of them to pass Linux's limit of 65530 mappings per process
+    (`vm.max_map_count`), after which XLA's compiler crashes."""
+    yield
+    jax.clear_caches()
+    gc.collect()
