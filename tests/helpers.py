@@ -1,5 +1,7 @@
 import contextlib
+import dataclasses
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -81,6 +83,19 @@ def tree_equal(x, y) -> bool:
     return all(
         jnp.shape(a) == jnp.shape(b) and np.array_equal(np.asarray(a), np.asarray(b))
         for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y))
+    )
+
+
+def with_options(stack, **options) -> stackrnn.StackedRNN:
+    """`stack` with some of its options changed."""
+    fields = {f.name: getattr(stack, f.name) for f in dataclasses.fields(stack)}
+    return stackrnn.StackedRNN(**{**fields, **options})
+
+
+def to_float64(tree):
+    """Every floating-point array of `tree` cast to float64 (needs `x64(True)`)."""
+    return jax.tree.map(
+        lambda p: p.astype(jnp.float64) if eqx.is_inexact_array(p) else p, tree
     )
 
 

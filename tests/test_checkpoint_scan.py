@@ -3,7 +3,6 @@ final states and gradients as the plain stack for every cell, direction and sequ
 option; regularisers' masks as documented; the checkpoint really in the
 program; compiled memory growing sublinearly in time; bad values refused."""
 
-import dataclasses
 import math
 
 import equinox as eqx
@@ -26,7 +25,9 @@ from .helpers import (
     inputs,
     make_cells,
     make_stack,
+    to_float64,
     tree_allclose,
+    with_options,
     x64,
 )
 
@@ -37,12 +38,6 @@ DIRECTIONS = ("forward", "reverse", "bidirectional")
 RTOL = ATOL = 1e-10
 # Float32, for dropout and the constructors: rounding of reordered sums.
 TOL32 = dict(rtol=1e-5, atol=1e-6)
-
-
-def _with(stack, **options):
-    """`stack` with some of its options changed."""
-    fields = {f.name: getattr(stack, f.name) for f in dataclasses.fields(stack)}
-    return stackrnn.StackedRNN(**{**fields, **options})
 
 
 def _random_state(stack, key):
@@ -136,10 +131,8 @@ def test_checkpointed_equals_plain(
     with x64(True):
         kc, kx, ks = jr.split(jr.key(seed), 3)
         plain = make_stack(cfg, kc, direction, unroll=unroll, fast=fast)
-        plain = jax.tree.map(
-            lambda p: p.astype(jnp.float64) if eqx.is_inexact_array(p) else p, plain
-        )
-        checkpointed = _with(plain, checkpoint=chunk)
+        plain = to_float64(plain)
+        checkpointed = with_options(plain, checkpoint=chunk)
         xs = inputs(cfg, kx, batch=2).astype(jnp.float64)
         states = jax.vmap(lambda k: _random_state(plain, k))(jr.split(ks, 2))
         options = {}
@@ -214,7 +207,7 @@ def test_sequence_masks_are_the_plain_ones(cfg, direction, chunk, regularisers, 
         )
     kc, kx, kd = jr.split(jr.key(seed), 3)
     plain = make_stack(cfg, kc, direction, **regularisers)
-    checkpointed = _with(plain, checkpoint=chunk)
+    checkpointed = with_options(plain, checkpoint=chunk)
     xs = inputs(cfg, kx)
 
     def loss(model, key):
@@ -352,7 +345,9 @@ def test_compiled_memory_grows_sublinearly_with_checkpointing(getkey):
     (about 16x the memory); with it, about sqrt(16) = 4x."""
     stack = stackrnn.GRU(4, 32, num_layers=2, key=getkey())
     plain = [_temp_bytes(stack, t) for t in (256, 4096)]
-    checkpointed = [_temp_bytes(_with(stack, checkpoint=True), t) for t in (256, 4096)]
+    checkpointed = [
+        _temp_bytes(with_options(stack, checkpoint=True), t) for t in (256, 4096)
+    ]
     assert plain[1] / plain[0] > 12
     assert checkpointed[1] / checkpointed[0] < 6
     assert checkpointed[1] < plain[1] / 8

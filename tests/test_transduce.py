@@ -4,8 +4,6 @@ masks as the call it stands for; memory that does not grow with the sequence's
 inputs and outputs; the language model's loss computed that way; bad arguments
 refused."""
 
-import dataclasses
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,15 @@ from hypothesis import given, strategies as st
 
 import stackrnn
 
-from .helpers import configs, fewer, make_stack, tree_allclose, x64
+from .helpers import (
+    configs,
+    fewer,
+    make_stack,
+    to_float64,
+    tree_allclose,
+    with_options,
+    x64,
+)
 
 
 RTOL = ATOL = 1e-10  # float64: the programs differ only in the order of sums
@@ -27,17 +33,6 @@ chunks = st.one_of(
     st.integers(1, 6),
     st.lists(st.integers(1, 5), min_size=2, max_size=3).map(tuple),
 )
-
-
-def _with(stack, **options):
-    fields = {f.name: getattr(stack, f.name) for f in dataclasses.fields(stack)}
-    return stackrnn.StackedRNN(**{**fields, **options})
-
-
-def _to64(tree):
-    return jax.tree.map(
-        lambda p: p.astype(jnp.float64) if eqx.is_inexact_array(p) else p, tree
-    )
 
 
 @fewer()
@@ -59,8 +54,8 @@ def test_transduce_equals_decode_of_call(cfg, direction, checkpoint, regularised
         options = dict(zoneout=0.2, dropout=0.5 if cfg.num_layers > 1 else 0.0)
     with x64(True):
         kc, kt, kx, kw, ks, kd = jr.split(jr.key(seed), 6)
-        stack = _to64(make_stack(cfg, kc, direction, **options))
-        stack = _with(stack, checkpoint=checkpoint)
+        stack = to_float64(make_stack(cfg, kc, direction, **options))
+        stack = with_options(stack, checkpoint=checkpoint)
         vocab = 5
         table = jr.normal(kw, (vocab, cfg.input_size), jnp.float64)
         readout = jr.normal(kw, (stack.output_size, 3), jnp.float64)
@@ -159,9 +154,9 @@ def test_streamed_loss_memory_does_not_grow_with_the_sequence(getkey):
 def test_sequence_loss_streams_the_same_loss(checkpoint, getkey):
     """The streamed loss and its gradient equal those of the plain model."""
     with x64(True):
-        plain = _to64(_lm(False, hidden=4, vocab=5, key=getkey()))
+        plain = to_float64(_lm(False, hidden=4, vocab=5, key=getkey()))
         streamed = eqx.tree_at(
-            lambda m: m.rnn, plain, _with(plain.rnn, checkpoint=checkpoint)
+            lambda m: m.rnn, plain, with_options(plain.rnn, checkpoint=checkpoint)
         )
         tokens = jr.randint(getkey(), (11,), 0, 5)
         targets = jr.randint(getkey(), (11,), 0, 5)
