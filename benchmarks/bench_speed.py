@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import stackrnn
+from stackrnn._layer import FAST_MIN_HIDDEN
 
 
 # (input I, hidden H, layers L, batch B, time T)
@@ -210,27 +211,40 @@ def measure(cell, name, repeats, rate):
                 cell=cell,
                 mode=mode,
                 ms={i: 1e3 * m for i, m in medians.items()},
-                torch_over_fast=medians["torch"] / medians["fast"],
-                torch_over_reference=medians["torch"] / medians["reference"],
                 gemm_fraction={i: work / m / rate for i, m in medians.items()},
             )
         )
     return rows
 
 
+def default_path(name):
+    """The path `fast=None` takes at the config's width."""
+    return "fast" if CONFIGS[name][1] >= FAST_MIN_HIDDEN else "reference"
+
+
 def table(rows, rate):
+    """The Markdown table of docs/benchmarks.md."""
+    names = {"torch": "torch", "equinox": "Equinox cells"}
     impls = list(IMPLEMENTATIONS)
     head = (
-        "| config | cell | pass | "
-        + " | ".join(f"{i} (ms)" for i in impls)
-        + " | torch / fast | torch / reference | fast: % of GEMM peak |"
+        "| config (I, H, L, B, T) | cell | pass | "
+        + " | ".join(names.get(i, i) for i in impls)
+        + " | default path | torch / default | default / hand-batched"
+        + " | fast: % of GEMM rate |"
     )
-    lines = [head, "|" + " --- |" * (len(impls) + 6)]
+    lines = [
+        head,
+        "| --- | --- | --- |" + " ---: |" * len(impls) + " --- |" + " ---: |" * 3,
+    ]
     for r in rows:
+        config = ", ".join(map(str, CONFIGS[r["config"]]))
         ms = " | ".join(f"{r['ms'][i]:.1f}" for i in impls)
+        path = default_path(r["config"])
+        torch_ratio = r["ms"]["torch"] / r["ms"][path]
+        vmap_ratio = r["ms"][path] / r["ms"]["hand-batched"]
         lines.append(
-            f"| {r['config']} | {r['cell']} | {r['mode']} | {ms} | "
-            f"{r['torch_over_fast']:.2f} | {r['torch_over_reference']:.2f} | "
+            f"| {r['config']} ({config}) | {r['cell']} | {r['mode']} | {ms} | {path} | "
+            f"{torch_ratio:.2f} | {vmap_ratio:.2f} | "
             f"{100 * r['gemm_fraction']['fast']:.0f} |"
         )
     lines.append("")
