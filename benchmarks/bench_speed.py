@@ -261,9 +261,9 @@ def chart(rows, path):
     labels = [f"{r['config']}\n{r['cell']}\n{r['mode']}" for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 4))
-    for shift, path in ((-0.2, "fast"), (0.2, "reference")):
-        ratios = [r["ms"]["torch"] / r["ms"][path] for r in rows]
-        ax.bar(x + shift, ratios, 0.4, label=f"{path} path")
+    for shift, impl in ((-0.2, "fast"), (0.2, "reference")):
+        ratios = [r["ms"]["torch"] / r["ms"][impl] for r in rows]
+        ax.bar(x + shift, ratios, 0.4, label=f"{impl} path")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(x, labels, fontsize=7)
     ax.set_ylabel("torch time / stackrnn time (higher is faster)")
