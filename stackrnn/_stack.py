@@ -1,7 +1,6 @@
 """`StackedRNN`: a tuple of cells folded over layers, each layer scanned over time."""
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Sequence
 
 import equinox as eqx
@@ -13,17 +12,14 @@ from ._cells import AbstractCell, State
 from ._checks import (
     check_length,
     check_like,
-    check_probability,
     check_resets,
     check_sequence,
-    check_size,
     check_vector,
 )
-from ._chunked import check_checkpoint, chunk_lengths, run_chunked
+from ._chunked import chunk_lengths, run_chunked
+from ._config import check_config, layer_cells, layer_output_size
 from ._layer import run_layer
 from ._regularise import (
-    check_affine,
-    check_zoneout,
     drop_weight,
     dropout as _dropout,
     regularise_cell,
@@ -32,19 +28,6 @@ from ._regularise import (
 
 
 StackState = PyTree[Float[Array, "layers ..."]]
-
-
-def _check_cells(name: str, cells) -> tuple[AbstractCell, ...]:
-    cells = tuple(cells)
-    if not cells:
-        raise ValueError(f"`{name}` must hold at least one cell, got none")
-    for i, cell in enumerate(cells):
-        if not isinstance(cell, AbstractCell):
-            raise TypeError(
-                f"`{name}[{i}]` must be a stackrnn cell (an AbstractCell), "
-                f"got {type(cell).__name__}"
-            )
-    return cells
 
 
 class StackedRNN(eqx.Module):
@@ -177,91 +160,22 @@ class StackedRNN(eqx.Module):
         checkpoint: bool | int | tuple[int, ...] = False,
         inference: bool = False,
     ):
-        cells = _check_cells("cells", cells)
-        if backward_cells is not None:
-            backward_cells = _check_cells("backward_cells", backward_cells)
-            if len(backward_cells) != len(cells):
-                raise ValueError(
-                    f"`backward_cells` must hold one cell per layer (={len(cells)}), "
-                    f"got {len(backward_cells)}"
-                )
-            for i, (f, b) in enumerate(zip(cells, backward_cells)):
-                if b.input_size != f.input_size:
-                    raise ValueError(
-                        f"`backward_cells[{i}].input_size` (={b.input_size}) must "
-                        f"equal `cells[{i}].input_size` (={f.input_size}), since "
-                        "both directions read the same input"
-                    )
-            if reverse:
-                raise ValueError(
-                    "`reverse=True` applies to unidirectional stacks only; a "
-                    "bidirectional stack (`backward_cells` given) already reads both "
-                    "ways"
-                )
-        self.cells = cells
-        self.backward_cells = backward_cells
-        for i in range(1, len(cells)):
-            below = f"`cells[{i - 1}].output_size`"
-            if backward_cells is not None:
-                below += f" + `backward_cells[{i - 1}].output_size`"
-            size = self._layer_output_size(i - 1)
-            if cells[i].input_size != size:
-                raise ValueError(
-                    f"`cells[{i}].input_size` (={cells[i].input_size}) must equal "
-                    f"{below} (={size}), since layer l reads the output of layer l-1"
-                )
-        self.dropout = check_probability("dropout", dropout)
-        if self.dropout > 0 and len(cells) == 1:
-            warnings.warn(
-                f"`dropout` (={dropout}) has no effect with one layer: dropout acts "
-                "between layers, never on the top layer's output",
-                stacklevel=2,
-            )
-        for name, flag in (("variational", variational), ("residual", residual)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
-        if variational and self.dropout == 0:
-            warnings.warn(
-                "`variational=True` has no effect with `dropout=0`: it makes the "
-                "dropout between layers draw one mask per sequence",
-                stacklevel=2,
-            )
-        self.variational = variational
-        named = [(f"cells[{i}]", c) for i, c in enumerate(cells)]
-        backward = backward_cells or ()
-        named += [(f"backward_cells[{i}]", c) for i, c in enumerate(backward)]
-        self.recurrent_dropout = check_probability(
-            "recurrent_dropout", recurrent_dropout
+        fields = check_config(
+            cells,
+            backward_cells,
+            dropout=dropout,
+            variational=variational,
+            recurrent_dropout=recurrent_dropout,
+            zoneout=zoneout,
+            weight_drop=weight_drop,
+            residual=residual,
+            unroll=unroll,
+            reverse=reverse,
+            fast=fast,
+            checkpoint=checkpoint,
         )
-        check_affine("recurrent_dropout", self.recurrent_dropout, named)
-        self.weight_drop = check_probability("weight_drop", weight_drop)
-        check_affine("weight_drop", self.weight_drop, named)
-        self.zoneout = check_zoneout(zoneout, named)
-        if residual:
-            for i in range(1, len(cells)):
-                size = self._layer_output_size(i)
-                if cells[i].input_size != size:
-                    raise ValueError(
-                        f"`residual=True` adds the input of layers 2..L to their "
-                        f"output, so their widths must match, but layer {i} "
-                        f"(`cells[{i}]`) reads {cells[i].input_size} features and "
-                        f"outputs {size}"
-                    )
-            if len(cells) == 1:
-                warnings.warn(
-                    "`residual=True` has no effect with one layer: residual "
-                    "connections skip layers 2..L",
-                    stacklevel=2,
-                )
-        self.residual = residual
-        self.unroll = check_size("unroll", unroll)
-        if not isinstance(reverse, bool):
-            raise TypeError(f"`reverse` must be a bool, got {reverse!r}")
-        self.reverse = reverse
-        if fast is not None and not isinstance(fast, bool):
-            raise TypeError(f"`fast` must be True, False or None, got {fast!r}")
-        self.fast = fast
-        self.checkpoint = check_checkpoint(checkpoint)
+        for name, value in fields.items():
+            setattr(self, name, value)
         self.inference = inference
 
     @property
@@ -278,16 +192,10 @@ class StackedRNN(eqx.Module):
 
     @property
     def output_size(self) -> int:
-        return self._layer_output_size(self.num_layers - 1)
-
-    def _layer_output_size(self, layer: int) -> int:
-        return sum(cell.output_size for cell in self._layer(layer))
+        return layer_output_size(self.cells, self.backward_cells, self.num_layers - 1)
 
     def _layer(self, layer: int) -> tuple[AbstractCell, ...]:
-        """The cells of one layer: forward, then backward if bidirectional."""
-        if self.backward_cells is None:
-            return (self.cells[layer],)
-        return self.cells[layer], self.backward_cells[layer]
+        return layer_cells(self.cells, self.backward_cells, layer)
 
     def _all_cells(self) -> list[AbstractCell]:
         # PyTorch's order of states: layer * num_directions + direction.
