@@ -20,10 +20,11 @@ from ._chunked import chunk_lengths, run_chunked
 from ._config import check_config, layer_cells, layer_output_size
 from ._layer import run_layer
 from ._regularise import (
+    check_step,
     drop_weight,
     dropout as _dropout,
+    mask_keys,
     regularise_cell,
-    split_keys,
 )
 
 
@@ -222,37 +223,6 @@ class StackedRNN(eqx.Module):
             return [jax.tree.map(lambda s: s[i], state) for i in range(n)]
         return list(state)
 
-    def _active(self, inference: bool) -> list[str]:
-        """The names of the regularisers that draw masks in this call."""
-        if inference:
-            return []
-        active = {
-            "dropout": self.num_layers > 1 and self.dropout > 0,
-            "recurrent_dropout": self.recurrent_dropout > 0,
-            "zoneout": self._zoneout_on,
-            "weight_drop": self.weight_drop > 0,
-        }
-        return [name for name, on in active.items() if on]
-
-    @property
-    def _zoneout_on(self) -> bool:
-        rates = self.zoneout if isinstance(self.zoneout, tuple) else (self.zoneout,)
-        return max(rates) > 0
-
-    def _keys(self, key, inference: bool):
-        """The keys of every mask (`split_keys`), or `None` when none is drawn."""
-        active = self._active(inference)
-        if not active:
-            return None
-        if key is None:
-            named = ", ".join(f"`{n}` (={getattr(self, n)})" for n in active)
-            raise RuntimeError(
-                f"`StackedRNN` with {named} requires a `key` when "
-                "running in non-deterministic mode; pass `key=...` or "
-                "`inference=True`"
-            )
-        return split_keys(key, self.num_layers, 2 if self.bidirectional else 1)
-
     def _run_layer(self, i, hs, states, keys, inference, run, start=None):
         """Layer `i` on its input `hs` (all directions), with its regularisers;
         `run(cell, xs, state, direction)` runs one direction. `start`: the first
@@ -394,7 +364,7 @@ class StackedRNN(eqx.Module):
         else:
             check_like("state", state, self.init_state())
         inference = self.inference if inference is None else inference
-        keys = self._keys(key, inference)
+        keys = mask_keys(self, key, inference)
 
         chunks = chunk_lengths(self.checkpoint, time)
         if chunks is not None and not self.bidirectional:
@@ -520,7 +490,7 @@ class StackedRNN(eqx.Module):
             chunks,
             None,
             None,
-            self._keys(key, inference),
+            mask_keys(self, key, inference),
             inference,
             encode=encode,
             decode=lambda outputs, piece: decode(outputs[-1], piece),
@@ -650,24 +620,8 @@ class StackedRNN(eqx.Module):
         check_vector("x", x, self.input_size)
         check_like("state", state, self.init_state())
         inference = self.inference if inference is None else inference
-        active = self._active(inference)
-        per_sequence = [
-            name
-            for name, on in (
-                ("variational", self.variational and "dropout" in active),
-                ("recurrent_dropout", "recurrent_dropout" in active),
-                ("weight_drop", "weight_drop" in active),
-            )
-            if on
-        ]
-        if per_sequence:
-            names = " and ".join(f"`{n}`" for n in per_sequence)
-            raise ValueError(
-                f"{names} draw one mask per sequence, which `step` cannot keep "
-                "across separate calls; in training, run the sequence with "
-                "`__call__`, or pass `inference=True`"
-            )
-        keys = self._keys(key, inference)
+        check_step(self, inference)
+        keys = mask_keys(self, key, inference)
 
         def run(cell, inputs, layer_state, direction):
             new = cell(inputs[0], layer_state)
