@@ -18,14 +18,9 @@ from ._checks import (
 )
 from ._chunked import chunk_lengths, run_chunked
 from ._config import check_config, layer_cells, layer_output_size
+from ._fold import fold_layers
 from ._layer import run_layer
-from ._regularise import (
-    check_step,
-    drop_weight,
-    dropout as _dropout,
-    mask_keys,
-    regularise_cell,
-)
+from ._regularise import check_step, drop_weight, mask_keys
 
 
 StackState = PyTree[Float[Array, "layers ..."]]
@@ -223,39 +218,6 @@ class StackedRNN(eqx.Module):
             return [jax.tree.map(lambda s: s[i], state) for i in range(n)]
         return list(state)
 
-    def _run_layer(self, i, hs, states, keys, inference, run, start=None):
-        """Layer `i` on its input `hs` (all directions), with its regularisers;
-        `run(cell, xs, state, direction)` runs one direction. `start`: the first
-        step of the chunk of time `hs` is, in a checkpointed unidirectional stack,
-        which draws its per-step masks from their keys folded with it."""
-        below = hs
-        if i > 0 and keys is not None and self.dropout > 0:
-            shape, key = None, keys[0][i - 1]
-            if self.variational:
-                shape = (1, hs.shape[-1])
-            elif start is not None:
-                key = jax.random.fold_in(key, start)
-            hs = _dropout(hs, self.dropout, key, shape=shape)
-        ys, finals = [], []
-        for direction, cell in enumerate(self._layer(i)):
-            cell, inputs = regularise_cell(
-                cell,
-                hs,
-                weight_drop=self.weight_drop,
-                recurrent_dropout=self.recurrent_dropout,
-                zoneout=self.zoneout,
-                key=None if keys is None else keys[1][i][direction],
-                inference=inference,
-                start=start,
-            )
-            y, final = run(cell, inputs, next(states), direction)
-            ys.append(y)
-            finals.append(final)
-        hs = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)
-        if self.residual and i > 0:
-            hs = hs + below
-        return hs, finals
-
     def drop_weights(self, key: PRNGKeyArray) -> "StackedRNN":
         """Draws the `weight_drop` masks once, for every sequence the result reads.
 
@@ -396,14 +358,10 @@ class StackedRNN(eqx.Module):
                 fast=self.fast,
             )
 
-        states = iter(self._split(state))
-        hs = xs
-        outputs, finals = [], []
-        for i in range(self.num_layers):
-            hs, layer_finals = self._run_layer(i, hs, states, keys, inference, run)
-            finals += layer_finals
-            outputs.append(hs)
-        return (tuple(outputs) if all_layers else hs), self._join(finals)
+        outputs, finals = fold_layers(
+            self, xs, self._split(state), keys, inference, run
+        )
+        return (tuple(outputs) if all_layers else outputs[-1]), self._join(finals)
 
     def transduce(
         self,
@@ -519,15 +477,9 @@ class StackedRNN(eqx.Module):
                     fast=self.fast,
                 )
 
-            states = iter(layer_states)
-            hs = encode(piece)
-            outputs, finals = [], []
-            for i in range(self.num_layers):
-                hs, layer_finals = self._run_layer(
-                    i, hs, states, keys, inference, run, start=start
-                )
-                finals += layer_finals
-                outputs.append(hs)
+            outputs, finals = fold_layers(
+                self, encode(piece), layer_states, keys, inference, run, start=start
+            )
             return decode(outputs, piece), finals
 
         decoded, finals = run_chunked(
@@ -627,10 +579,7 @@ class StackedRNN(eqx.Module):
             new = cell(inputs[0], layer_state)
             return cell.output(new)[None], new
 
-        states = iter(self._split(state))
-        hs = x[None]
-        finals = []
-        for i in range(self.num_layers):
-            hs, layer_finals = self._run_layer(i, hs, states, keys, inference, run)
-            finals += layer_finals
-        return hs[0], self._join(finals)
+        outputs, finals = fold_layers(
+            self, x[None], self._split(state), keys, inference, run
+        )
+        return outputs[-1][0], self._join(finals)
