@@ -1,6 +1,7 @@
 """`StackedRNN`: a tuple of cells folded over layers, each layer scanned over time."""
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import equinox as eqx
@@ -16,10 +17,9 @@ from ._checks import (
     check_sequence,
     check_vector,
 )
-from ._chunked import chunk_lengths, run_chunked
+from ._chunked import call_chunked, chunk_lengths, run_direction
 from ._config import check_config, layer_cells, layer_output_size
 from ._fold import fold_layers
-from ._layer import run_layer
 from ._regularise import check_step, drop_weight, mask_keys
 
 
@@ -330,7 +330,8 @@ class StackedRNN(eqx.Module):
 
         chunks = chunk_lengths(self.checkpoint, time)
         if chunks is not None and not self.bidirectional:
-            return self._call_chunked(
+            return call_chunked(
+                self,
                 xs,
                 state,
                 chunks,
@@ -342,22 +343,9 @@ class StackedRNN(eqx.Module):
                 decode=lambda outputs, _: tuple(outputs) if all_layers else outputs[-1],
             )
 
-        def run(cell, inputs, layer_state, direction):
-            if chunks is not None:
-                return self._run_direction_chunked(
-                    cell, inputs, layer_state, direction, chunks, length, resets
-                )
-            return run_layer(
-                cell,
-                inputs,
-                layer_state,
-                reverse=self.reverse or direction == 1,
-                unroll=self.unroll,
-                length=length,
-                resets=resets,
-                fast=self.fast,
-            )
-
+        run = functools.partial(
+            run_direction, self, chunks=chunks, length=length, resets=resets
+        )
         outputs, finals = fold_layers(
             self, xs, self._split(state), keys, inference, run
         )
@@ -442,7 +430,8 @@ class StackedRNN(eqx.Module):
         else:
             check_like("state", state, self.init_state())
         inference = self.inference if inference is None else inference
-        return self._call_chunked(
+        return call_chunked(
+            self,
             inputs,
             state,
             chunks,
@@ -453,78 +442,6 @@ class StackedRNN(eqx.Module):
             encode=encode,
             decode=lambda outputs, piece: decode(outputs[-1], piece),
         )
-
-    def _call_chunked(
-        self, inputs, state, chunks, length, resets, keys, inference, *, encode, decode
-    ):
-        """A unidirectional stack, checkpointed: the chunks of time outside, all
-        layers inside each chunk. Within a chunk, `encode(inputs_chunk)` gives the
-        bottom layer's inputs and `decode(outputs, inputs_chunk)`, `outputs` being
-        every layer's outputs, what the chunk returns. Returns `(decoded, state)`:
-        the chunks' decoded values joined along time, and the final state."""
-
-        def layers(piece, layer_states, start, chunk_length, chunk_resets):
-            def run(cell, inputs, layer_state, direction):
-                del direction
-                return run_layer(
-                    cell,
-                    inputs,
-                    layer_state,
-                    reverse=self.reverse,
-                    unroll=self.unroll,
-                    length=chunk_length,
-                    resets=chunk_resets,
-                    fast=self.fast,
-                )
-
-            outputs, finals = fold_layers(
-                self, encode(piece), layer_states, keys, inference, run, start=start
-            )
-            return decode(outputs, piece), finals
-
-        decoded, finals = run_chunked(
-            layers,
-            inputs,
-            self._split(state),
-            [cell.init_state() for cell in self.cells],
-            chunks=chunks,
-            reverse=self.reverse,
-            length=length,
-            resets=resets,
-        )
-        return decoded, self._join(finals)
-
-    def _run_direction_chunked(
-        self, cell, xs, state, direction, chunks, length, resets
-    ):
-        """One direction of one layer of a bidirectional stack, checkpointed on its
-        own (its inputs already carry every mask it reads)."""
-
-        def layers(hs, states, start, chunk_length, chunk_resets):
-            del start
-            ys, final = run_layer(
-                cell,
-                hs,
-                states[0],
-                reverse=direction == 1,
-                unroll=self.unroll,
-                length=chunk_length,
-                resets=chunk_resets,
-                fast=self.fast,
-            )
-            return ys, [final]
-
-        ys, (final,) = run_chunked(
-            layers,
-            xs,
-            [state],
-            [cell.init_state()],
-            chunks=chunks,
-            reverse=direction == 1,
-            length=length,
-            resets=resets,
-        )
-        return ys, final
 
     def step(
         self,
@@ -579,7 +496,6 @@ class StackedRNN(eqx.Module):
             new = cell(inputs[0], layer_state)
             return cell.output(new)[None], new
 
-        outputs, finals = fold_layers(
-            self, x[None], self._split(state), keys, inference, run
-        )
+        states = self._split(state)
+        outputs, finals = fold_layers(self, x[None], states, keys, inference, run)
         return outputs[-1][0], self._join(finals)
