@@ -15,6 +15,7 @@ from ._checks import (
     check_like,
     check_resets,
     check_sequence,
+    check_transduce,
     check_vector,
 )
 from ._chunked import call_chunked, chunk_lengths, run_direction
@@ -395,32 +396,9 @@ class StackedRNN(eqx.Module):
         `decode(self(encode(inputs), state)[0], inputs)` up to float rounding, with
         `__call__`'s masks.
         """
-        leaves = jax.tree.leaves(inputs)
-        if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves):
-            raise ValueError(
-                "`inputs` must be a PyTree of arrays whose leading axis is time, "
-                f"got {inputs!r}"
-            )
-        time = jnp.shape(leaves[0])[0]
-        if any(jnp.shape(leaf)[0] != time for leaf in leaves):
-            raise ValueError(
-                "`inputs`' arrays must share their leading (time) axis, got shapes "
-                f"{[jnp.shape(leaf) for leaf in leaves]}"
-            )
-        encoded = jax.eval_shape(encode, inputs)
-        check_sequence("encode(inputs)", encoded, self.input_size)
-        if encoded.shape[0] != time:
-            raise ValueError(
-                f"`encode(inputs)` must have one row per step ({time}), got shape "
-                f"{encoded.shape}"
-            )
-        outputs = jax.ShapeDtypeStruct((time, self.output_size), encoded.dtype)
-        decoded = jax.eval_shape(decode, outputs, inputs)
-        if any(jnp.shape(leaf)[:1] != (time,) for leaf in jax.tree.leaves(decoded)):
-            raise ValueError(
-                "`decode` must return arrays whose leading axis is time "
-                f"({time}), got {decoded}"
-            )
+        time = check_transduce(
+            encode, decode, inputs, self.input_size, self.output_size
+        )
         chunks = chunk_lengths(self.checkpoint, time)
         if chunks is None or self.bidirectional:
             ys, state = self(encode(inputs), state, key=key, inference=inference)
