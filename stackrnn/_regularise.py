@@ -59,7 +59,7 @@ def zoneout_on(zoneout: float | tuple[float, ...]) -> bool:
     return max(rates) > 0
 
 
-def active(stack: "StackedRNN", inference: bool) -> list[str]:
+def active_regularisers(stack: "StackedRNN", inference: bool) -> list[str]:
     """The names of the regularisers of `stack` that draw masks in a call."""
     if inference:
         return []
@@ -78,7 +78,7 @@ def mask_keys(
     """The keys of every mask `stack` draws in a call (`split_keys`), or `None`
     when it draws none; a `RuntimeError` naming the regularisers that need `key`
     when it is `None`."""
-    names = active(stack, inference)
+    names = active_regularisers(stack, inference)
     if not names:
         return None
     if key is None:
@@ -94,7 +94,7 @@ def mask_keys(
 def check_step(stack: "StackedRNN", inference: bool) -> None:
     """`StackedRNN.step` draws its masks afresh at every call, so in training it
     refuses the regularisers that draw one mask per sequence."""
-    names = active(stack, inference)
+    names = active_regularisers(stack, inference)
     per_sequence = [
         name
         for name, on in (
