@@ -121,3 +121,38 @@ def check_resets(name: str, resets, time: int) -> None:
             f"`{name}` must be a boolean array of shape ({time},) (one flag per time "
             f"step of `xs`), got shape {jnp.shape(resets)} and dtype {dtype}"
         )
+
+
+def check_transduce(encode, decode, inputs, input_size: int, output_size: int) -> int:
+    """The arguments of `StackedRNN.transduce`, checked on their shapes alone
+    (`jax.eval_shape`): `inputs` must be a PyTree of arrays sharing a leading (time)
+    axis, `encode(inputs)` a float array of shape `(time, input_size)`, and `decode`
+    of outputs of shape `(time, output_size)` and `inputs` a PyTree of arrays whose
+    leading axis is time. Returns `time`."""
+    leaves = jax.tree.leaves(inputs)
+    if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves):
+        raise ValueError(
+            "`inputs` must be a PyTree of arrays whose leading axis is time, "
+            f"got {inputs!r}"
+        )
+    time = jnp.shape(leaves[0])[0]
+    if any(jnp.shape(leaf)[0] != time for leaf in leaves):
+        raise ValueError(
+            "`inputs`' arrays must share their leading (time) axis, got shapes "
+            f"{[jnp.shape(leaf) for leaf in leaves]}"
+        )
+    encoded = jax.eval_shape(encode, inputs)
+    check_sequence("encode(inputs)", encoded, input_size)
+    if encoded.shape[0] != time:
+        raise ValueError(
+            f"`encode(inputs)` must have one row per step ({time}), got shape "
+            f"{encoded.shape}"
+        )
+    outputs = jax.ShapeDtypeStruct((time, output_size), encoded.dtype)
+    decoded = jax.eval_shape(decode, outputs, inputs)
+    if any(jnp.shape(leaf)[:1] != (time,) for leaf in jax.tree.leaves(decoded)):
+        raise ValueError(
+            "`decode` must return arrays whose leading axis is time "
+            f"({time}), got {decoded}"
+        )
+    return time

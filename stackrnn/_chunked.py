@@ -20,12 +20,29 @@ Within a chunk every layer runs as without checkpointing, through `run_layer`, o
 path it would take (the fast path's stored projections are per chunk here).
 When `chunk` does not divide `time`, the last `time % chunk` steps form one shorter
 chunk, run outside the outer scan; nothing is padded.
+
+`call_chunked` runs a unidirectional stack so. A bidirectional stack cannot interleave
+its layers that way (the backward direction of layer `l` reads all of layer `l-1`), so
+`run_direction` checkpoints each direction of each of its layers on its own; without
+chunks, `run_direction` is how any direction runs over a whole sequence.
 """
 
+import functools
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+
+from ._cells import AbstractCell, State
+from ._fold import fold_layers
+from ._layer import run_layer
+
+
+if TYPE_CHECKING:
+    from ._stack import StackedRNN
 
 
 def check_checkpoint(value) -> bool | int | tuple[int, ...]:
@@ -170,3 +187,100 @@ def run_chunked(layers, inputs, states, fresh, *, chunks, reverse, length, reset
         run, list(states), pieces, chunks=chunks, reverse=reverse
     )
     return outputs, finals
+
+
+def run_direction(
+    stack: "StackedRNN",
+    cell: AbstractCell,
+    xs: Float[Array, "time input"],
+    state: State,
+    direction: int,
+    *,
+    chunks: tuple[int, ...] | None,
+    length: Int[Array, ""] | int | None,
+    resets: Bool[Array, " time"] | None,
+) -> tuple[Float[Array, "time output"], State]:
+    """One direction of one layer of `stack` over the whole of `xs`, through
+    `run_layer` with the stack's `unroll` and `fast`: backwards for `direction=1`
+    or a `reverse` stack. With `chunks` (not `None`), checkpointed on its own, as
+    the layers of a bidirectional stack are: `xs` then already carries every mask
+    the direction reads. Returns `(ys, final_state)`."""
+    reverse = stack.reverse or direction == 1
+
+    def run(hs, layer_state, run_length, run_resets):
+        return run_layer(
+            cell,
+            hs,
+            layer_state,
+            reverse=reverse,
+            unroll=stack.unroll,
+            length=run_length,
+            resets=run_resets,
+            fast=stack.fast,
+        )
+
+    if chunks is None:
+        return run(xs, state, length, resets)
+
+    def layers(hs, states, start, chunk_length, chunk_resets):
+        del start
+        ys, final = run(hs, states[0], chunk_length, chunk_resets)
+        return ys, [final]
+
+    ys, (final,) = run_chunked(
+        layers,
+        xs,
+        [state],
+        [cell.init_state()],
+        chunks=chunks,
+        reverse=reverse,
+        length=length,
+        resets=resets,
+    )
+    return ys, final
+
+
+def call_chunked(
+    stack: "StackedRNN",
+    inputs: PyTree,
+    state: PyTree,
+    chunks: tuple[int, ...],
+    length: Int[Array, ""] | int | None,
+    resets: Bool[Array, " time"] | None,
+    keys: tuple[PRNGKeyArray, list[list[PRNGKeyArray]]] | None,
+    inference: bool,
+    *,
+    encode: Callable[[PyTree], Float[Array, "time input"]],
+    decode: Callable[[list[Float[Array, "time _"]], PyTree], PyTree],
+) -> tuple[PyTree, PyTree]:
+    """A unidirectional `stack` over `inputs`, checkpointed: the chunks of time
+    outside, all layers inside each chunk (`fold_layers`). Within a chunk,
+    `encode(inputs_chunk)` gives the bottom layer's inputs and
+    `decode(outputs, inputs_chunk)`, `outputs` being every layer's outputs, what
+    the chunk returns. `state` is the stack's, structured as its `init_state()`;
+    `keys` the masks' keys (`mask_keys`).
+
+    Returns `(decoded, state)`: the chunks' decoded values joined along time, and
+    the final state.
+    """
+
+    def layers(piece, layer_states, start, chunk_length, chunk_resets):
+        run = functools.partial(
+            run_direction, stack, chunks=None, length=chunk_length, resets=chunk_resets
+        )
+        outputs, finals = fold_layers(
+            stack, encode(piece), layer_states, keys, inference, run, start=start
+        )
+        return decode(outputs, piece), finals
+
+    decoded, finals = run_chunked(
+        layers,
+        inputs,
+        stack._split(state),
+        [cell.init_state() for cell in stack.cells],
+        chunks=chunks,
+        reverse=stack.reverse,
+        length=length,
+        resets=resets,
+    )
+    return decoded, stack._join(finals)

@@ -1,13 +1,15 @@
 """The stack's regularisers: dropout between layers (per element, or one mask per
 sequence), recurrent dropout, zoneout and weight drop.
 
-Every mask is drawn here. The regularisers that act inside the time loop wrap a
-layer's cell (`RecurrentDropout`, `Zoneout`), so a layer runs them as it runs any
-cell, on the reference path; weight drop edits the cell's `weight_hh` before the
-layer runs, so it keeps the fast path.
+Every mask is drawn here, from the keys that `mask_keys` splits for a call of the
+stack (which also decides which regularisers draw masks at all). The regularisers
+that act inside the time loop wrap a layer's cell (`RecurrentDropout`, `Zoneout`), so
+a layer runs them as it runs any cell, on the reference path; weight drop edits the
+cell's `weight_hh` before the layer runs, so it keeps the fast path.
 """
 
 import itertools
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -16,6 +18,10 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._cells import AbstractAffineCell, AbstractCell, State
 from ._checks import check_probability
+
+
+if TYPE_CHECKING:
+    from ._stack import StackedRNN
 
 
 def dropout(
@@ -45,6 +51,66 @@ def split_keys(
         [cell_keys[i * num_directions + d] for d in range(num_directions)]
         for i in range(num_layers)
     ]
+
+
+def zoneout_on(zoneout: float | tuple[float, ...]) -> bool:
+    """Whether any zoneout rate is positive."""
+    rates = zoneout if isinstance(zoneout, tuple) else (zoneout,)
+    return max(rates) > 0
+
+
+def active_regularisers(stack: "StackedRNN", inference: bool) -> list[str]:
+    """The names of the regularisers of `stack` that draw masks in a call."""
+    if inference:
+        return []
+    on = {
+        "dropout": stack.num_layers > 1 and stack.dropout > 0,
+        "recurrent_dropout": stack.recurrent_dropout > 0,
+        "zoneout": zoneout_on(stack.zoneout),
+        "weight_drop": stack.weight_drop > 0,
+    }
+    return [name for name, drawn in on.items() if drawn]
+
+
+def mask_keys(
+    stack: "StackedRNN", key: PRNGKeyArray | None, inference: bool
+) -> tuple[PRNGKeyArray, list[list[PRNGKeyArray]]] | None:
+    """The keys of every mask `stack` draws in a call (`split_keys`), or `None`
+    when it draws none; a `RuntimeError` naming the regularisers that need `key`
+    when it is `None`."""
+    names = active_regularisers(stack, inference)
+    if not names:
+        return None
+    if key is None:
+        named = ", ".join(f"`{n}` (={getattr(stack, n)})" for n in names)
+        raise RuntimeError(
+            f"`StackedRNN` with {named} requires a `key` when "
+            "running in non-deterministic mode; pass `key=...` or "
+            "`inference=True`"
+        )
+    return split_keys(key, stack.num_layers, 2 if stack.bidirectional else 1)
+
+
+def check_step(stack: "StackedRNN", inference: bool) -> None:
+    """`StackedRNN.step` draws its masks afresh at every call, so in training it
+    refuses the regularisers that draw one mask per sequence."""
+    names = active_regularisers(stack, inference)
+    per_sequence = [
+        name
+        for name, on in (
+            ("variational", stack.variational and "dropout" in names),
+            ("recurrent_dropout", "recurrent_dropout" in names),
+            ("weight_drop", "weight_drop" in names),
+        )
+        if on
+    ]
+    if per_sequence:
+        listed = " and ".join(f"`{n}`" for n in per_sequence)
+        raise ValueError(
+            f"{listed} draw one mask per sequence, which `step` cannot keep "
+            "across separate calls; in training, run the sequence with "
+            "`__call__`, or pass `inference=True`"
+        )
 
 
 def check_zoneout(zoneout, cells: list[tuple[str, AbstractCell]]):

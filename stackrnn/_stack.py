@@ -1,7 +1,7 @@
 """`StackedRNN`: a tuple of cells folded over layers, each layer scanned over time."""
 
 import dataclasses
-import warnings
+import functools
 from collections.abc import Callable, Sequence
 
 import equinox as eqx
@@ -13,38 +13,18 @@ from ._cells import AbstractCell, State
 from ._checks import (
     check_length,
     check_like,
-    check_probability,
     check_resets,
     check_sequence,
-    check_size,
+    check_transduce,
     check_vector,
 )
-from ._chunked import check_checkpoint, chunk_lengths, run_chunked
-from ._layer import run_layer
-from ._regularise import (
-    check_affine,
-    check_zoneout,
-    drop_weight,
-    dropout as _dropout,
-    regularise_cell,
-    split_keys,
-)
+from ._chunked import call_chunked, chunk_lengths, run_direction
+from ._config import check_config, layer_cells, layer_output_size
+from ._fold import fold_layers
+from ._regularise import check_step, drop_weight, mask_keys
 
 
 StackState = PyTree[Float[Array, "layers ..."]]
-
-
-def _check_cells(name: str, cells) -> tuple[AbstractCell, ...]:
-    cells = tuple(cells)
-    if not cells:
-        raise ValueError(f"`{name}` must hold at least one cell, got none")
-    for i, cell in enumerate(cells):
-        if not isinstance(cell, AbstractCell):
-            raise TypeError(
-                f"`{name}[{i}]` must be a stackrnn cell (an AbstractCell), "
-                f"got {type(cell).__name__}"
-            )
-    return cells
 
 
 class StackedRNN(eqx.Module):
@@ -177,91 +157,22 @@ class StackedRNN(eqx.Module):
         checkpoint: bool | int | tuple[int, ...] = False,
         inference: bool = False,
     ):
-        cells = _check_cells("cells", cells)
-        if backward_cells is not None:
-            backward_cells = _check_cells("backward_cells", backward_cells)
-            if len(backward_cells) != len(cells):
-                raise ValueError(
-                    f"`backward_cells` must hold one cell per layer (={len(cells)}), "
-                    f"got {len(backward_cells)}"
-                )
-            for i, (f, b) in enumerate(zip(cells, backward_cells)):
-                if b.input_size != f.input_size:
-                    raise ValueError(
-                        f"`backward_cells[{i}].input_size` (={b.input_size}) must "
-                        f"equal `cells[{i}].input_size` (={f.input_size}), since "
-                        "both directions read the same input"
-                    )
-            if reverse:
-                raise ValueError(
-                    "`reverse=True` applies to unidirectional stacks only; a "
-                    "bidirectional stack (`backward_cells` given) already reads both "
-                    "ways"
-                )
-        self.cells = cells
-        self.backward_cells = backward_cells
-        for i in range(1, len(cells)):
-            below = f"`cells[{i - 1}].output_size`"
-            if backward_cells is not None:
-                below += f" + `backward_cells[{i - 1}].output_size`"
-            size = self._layer_output_size(i - 1)
-            if cells[i].input_size != size:
-                raise ValueError(
-                    f"`cells[{i}].input_size` (={cells[i].input_size}) must equal "
-                    f"{below} (={size}), since layer l reads the output of layer l-1"
-                )
-        self.dropout = check_probability("dropout", dropout)
-        if self.dropout > 0 and len(cells) == 1:
-            warnings.warn(
-                f"`dropout` (={dropout}) has no effect with one layer: dropout acts "
-                "between layers, never on the top layer's output",
-                stacklevel=2,
-            )
-        for name, flag in (("variational", variational), ("residual", residual)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
-        if variational and self.dropout == 0:
-            warnings.warn(
-                "`variational=True` has no effect with `dropout=0`: it makes the "
-                "dropout between layers draw one mask per sequence",
-                stacklevel=2,
-            )
-        self.variational = variational
-        named = [(f"cells[{i}]", c) for i, c in enumerate(cells)]
-        backward = backward_cells or ()
-        named += [(f"backward_cells[{i}]", c) for i, c in enumerate(backward)]
-        self.recurrent_dropout = check_probability(
-            "recurrent_dropout", recurrent_dropout
+        fields = check_config(
+            cells,
+            backward_cells,
+            dropout=dropout,
+            variational=variational,
+            recurrent_dropout=recurrent_dropout,
+            zoneout=zoneout,
+            weight_drop=weight_drop,
+            residual=residual,
+            unroll=unroll,
+            reverse=reverse,
+            fast=fast,
+            checkpoint=checkpoint,
         )
-        check_affine("recurrent_dropout", self.recurrent_dropout, named)
-        self.weight_drop = check_probability("weight_drop", weight_drop)
-        check_affine("weight_drop", self.weight_drop, named)
-        self.zoneout = check_zoneout(zoneout, named)
-        if residual:
-            for i in range(1, len(cells)):
-                size = self._layer_output_size(i)
-                if cells[i].input_size != size:
-                    raise ValueError(
-                        f"`residual=True` adds the input of layers 2..L to their "
-                        f"output, so their widths must match, but layer {i} "
-                        f"(`cells[{i}]`) reads {cells[i].input_size} features and "
-                        f"outputs {size}"
-                    )
-            if len(cells) == 1:
-                warnings.warn(
-                    "`residual=True` has no effect with one layer: residual "
-                    "connections skip layers 2..L",
-                    stacklevel=2,
-                )
-        self.residual = residual
-        self.unroll = check_size("unroll", unroll)
-        if not isinstance(reverse, bool):
-            raise TypeError(f"`reverse` must be a bool, got {reverse!r}")
-        self.reverse = reverse
-        if fast is not None and not isinstance(fast, bool):
-            raise TypeError(f"`fast` must be True, False or None, got {fast!r}")
-        self.fast = fast
-        self.checkpoint = check_checkpoint(checkpoint)
+        for name, value in fields.items():
+            setattr(self, name, value)
         self.inference = inference
 
     @property
@@ -278,16 +189,10 @@ class StackedRNN(eqx.Module):
 
     @property
     def output_size(self) -> int:
-        return self._layer_output_size(self.num_layers - 1)
-
-    def _layer_output_size(self, layer: int) -> int:
-        return sum(cell.output_size for cell in self._layer(layer))
+        return layer_output_size(self.cells, self.backward_cells, self.num_layers - 1)
 
     def _layer(self, layer: int) -> tuple[AbstractCell, ...]:
-        """The cells of one layer: forward, then backward if bidirectional."""
-        if self.backward_cells is None:
-            return (self.cells[layer],)
-        return self.cells[layer], self.backward_cells[layer]
+        return layer_cells(self.cells, self.backward_cells, layer)
 
     def _all_cells(self) -> list[AbstractCell]:
         # PyTorch's order of states: layer * num_directions + direction.
@@ -313,70 +218,6 @@ class StackedRNN(eqx.Module):
             n = len(self._all_cells())
             return [jax.tree.map(lambda s: s[i], state) for i in range(n)]
         return list(state)
-
-    def _active(self, inference: bool) -> list[str]:
-        """The names of the regularisers that draw masks in this call."""
-        if inference:
-            return []
-        active = {
-            "dropout": self.num_layers > 1 and self.dropout > 0,
-            "recurrent_dropout": self.recurrent_dropout > 0,
-            "zoneout": self._zoneout_on,
-            "weight_drop": self.weight_drop > 0,
-        }
-        return [name for name, on in active.items() if on]
-
-    @property
-    def _zoneout_on(self) -> bool:
-        rates = self.zoneout if isinstance(self.zoneout, tuple) else (self.zoneout,)
-        return max(rates) > 0
-
-    def _keys(self, key, inference: bool):
-        """The keys of every mask (`split_keys`), or `None` when none is drawn."""
-        active = self._active(inference)
-        if not active:
-            return None
-        if key is None:
-            named = ", ".join(f"`{n}` (={getattr(self, n)})" for n in active)
-            raise RuntimeError(
-                f"`StackedRNN` with {named} requires a `key` when "
-                "running in non-deterministic mode; pass `key=...` or "
-                "`inference=True`"
-            )
-        return split_keys(key, self.num_layers, 2 if self.bidirectional else 1)
-
-    def _run_layer(self, i, hs, states, keys, inference, run, start=None):
-        """Layer `i` on its input `hs` (all directions), with its regularisers;
-        `run(cell, xs, state, direction)` runs one direction. `start`: the first
-        step of the chunk of time `hs` is, in a checkpointed unidirectional stack,
-        which draws its per-step masks from their keys folded with it."""
-        below = hs
-        if i > 0 and keys is not None and self.dropout > 0:
-            shape, key = None, keys[0][i - 1]
-            if self.variational:
-                shape = (1, hs.shape[-1])
-            elif start is not None:
-                key = jax.random.fold_in(key, start)
-            hs = _dropout(hs, self.dropout, key, shape=shape)
-        ys, finals = [], []
-        for direction, cell in enumerate(self._layer(i)):
-            cell, inputs = regularise_cell(
-                cell,
-                hs,
-                weight_drop=self.weight_drop,
-                recurrent_dropout=self.recurrent_dropout,
-                zoneout=self.zoneout,
-                key=None if keys is None else keys[1][i][direction],
-                inference=inference,
-                start=start,
-            )
-            y, final = run(cell, inputs, next(states), direction)
-            ys.append(y)
-            finals.append(final)
-        hs = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)
-        if self.residual and i > 0:
-            hs = hs + below
-        return hs, finals
 
     def drop_weights(self, key: PRNGKeyArray) -> "StackedRNN":
         """Draws the `weight_drop` masks once, for every sequence the result reads.
@@ -486,11 +327,12 @@ class StackedRNN(eqx.Module):
         else:
             check_like("state", state, self.init_state())
         inference = self.inference if inference is None else inference
-        keys = self._keys(key, inference)
+        keys = mask_keys(self, key, inference)
 
         chunks = chunk_lengths(self.checkpoint, time)
         if chunks is not None and not self.bidirectional:
-            return self._call_chunked(
+            return call_chunked(
+                self,
                 xs,
                 state,
                 chunks,
@@ -502,30 +344,13 @@ class StackedRNN(eqx.Module):
                 decode=lambda outputs, _: tuple(outputs) if all_layers else outputs[-1],
             )
 
-        def run(cell, inputs, layer_state, direction):
-            if chunks is not None:
-                return self._run_direction_chunked(
-                    cell, inputs, layer_state, direction, chunks, length, resets
-                )
-            return run_layer(
-                cell,
-                inputs,
-                layer_state,
-                reverse=self.reverse or direction == 1,
-                unroll=self.unroll,
-                length=length,
-                resets=resets,
-                fast=self.fast,
-            )
-
-        states = iter(self._split(state))
-        hs = xs
-        outputs, finals = [], []
-        for i in range(self.num_layers):
-            hs, layer_finals = self._run_layer(i, hs, states, keys, inference, run)
-            finals += layer_finals
-            outputs.append(hs)
-        return (tuple(outputs) if all_layers else hs), self._join(finals)
+        run = functools.partial(
+            run_direction, self, chunks=chunks, length=length, resets=resets
+        )
+        outputs, finals = fold_layers(
+            self, xs, self._split(state), keys, inference, run
+        )
+        return (tuple(outputs) if all_layers else outputs[-1]), self._join(finals)
 
     def transduce(
         self,
@@ -571,32 +396,9 @@ class StackedRNN(eqx.Module):
         `decode(self(encode(inputs), state)[0], inputs)` up to float rounding, with
         `__call__`'s masks.
         """
-        leaves = jax.tree.leaves(inputs)
-        if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves):
-            raise ValueError(
-                "`inputs` must be a PyTree of arrays whose leading axis is time, "
-                f"got {inputs!r}"
-            )
-        time = jnp.shape(leaves[0])[0]
-        if any(jnp.shape(leaf)[0] != time for leaf in leaves):
-            raise ValueError(
-                "`inputs`' arrays must share their leading (time) axis, got shapes "
-                f"{[jnp.shape(leaf) for leaf in leaves]}"
-            )
-        encoded = jax.eval_shape(encode, inputs)
-        check_sequence("encode(inputs)", encoded, self.input_size)
-        if encoded.shape[0] != time:
-            raise ValueError(
-                f"`encode(inputs)` must have one row per step ({time}), got shape "
-                f"{encoded.shape}"
-            )
-        outputs = jax.ShapeDtypeStruct((time, self.output_size), encoded.dtype)
-        decoded = jax.eval_shape(decode, outputs, inputs)
-        if any(jnp.shape(leaf)[:1] != (time,) for leaf in jax.tree.leaves(decoded)):
-            raise ValueError(
-                "`decode` must return arrays whose leading axis is time "
-                f"({time}), got {decoded}"
-            )
+        time = check_transduce(
+            encode, decode, inputs, self.input_size, self.output_size
+        )
         chunks = chunk_lengths(self.checkpoint, time)
         if chunks is None or self.bidirectional:
             ys, state = self(encode(inputs), state, key=key, inference=inference)
@@ -606,95 +408,18 @@ class StackedRNN(eqx.Module):
         else:
             check_like("state", state, self.init_state())
         inference = self.inference if inference is None else inference
-        return self._call_chunked(
+        return call_chunked(
+            self,
             inputs,
             state,
             chunks,
             None,
             None,
-            self._keys(key, inference),
+            mask_keys(self, key, inference),
             inference,
             encode=encode,
             decode=lambda outputs, piece: decode(outputs[-1], piece),
         )
-
-    def _call_chunked(
-        self, inputs, state, chunks, length, resets, keys, inference, *, encode, decode
-    ):
-        """A unidirectional stack, checkpointed: the chunks of time outside, all
-        layers inside each chunk. Within a chunk, `encode(inputs_chunk)` gives the
-        bottom layer's inputs and `decode(outputs, inputs_chunk)`, `outputs` being
-        every layer's outputs, what the chunk returns. Returns `(decoded, state)`:
-        the chunks' decoded values joined along time, and the final state."""
-
-        def layers(piece, layer_states, start, chunk_length, chunk_resets):
-            def run(cell, inputs, layer_state, direction):
-                del direction
-                return run_layer(
-                    cell,
-                    inputs,
-                    layer_state,
-                    reverse=self.reverse,
-                    unroll=self.unroll,
-                    length=chunk_length,
-                    resets=chunk_resets,
-                    fast=self.fast,
-                )
-
-            states = iter(layer_states)
-            hs = encode(piece)
-            outputs, finals = [], []
-            for i in range(self.num_layers):
-                hs, layer_finals = self._run_layer(
-                    i, hs, states, keys, inference, run, start=start
-                )
-                finals += layer_finals
-                outputs.append(hs)
-            return decode(outputs, piece), finals
-
-        decoded, finals = run_chunked(
-            layers,
-            inputs,
-            self._split(state),
-            [cell.init_state() for cell in self.cells],
-            chunks=chunks,
-            reverse=self.reverse,
-            length=length,
-            resets=resets,
-        )
-        return decoded, self._join(finals)
-
-    def _run_direction_chunked(
-        self, cell, xs, state, direction, chunks, length, resets
-    ):
-        """One direction of one layer of a bidirectional stack, checkpointed on its
-        own (its inputs already carry every mask it reads)."""
-
-        def layers(hs, states, start, chunk_length, chunk_resets):
-            del start
-            ys, final = run_layer(
-                cell,
-                hs,
-                states[0],
-                reverse=direction == 1,
-                unroll=self.unroll,
-                length=chunk_length,
-                resets=chunk_resets,
-                fast=self.fast,
-            )
-            return ys, [final]
-
-        ys, (final,) = run_chunked(
-            layers,
-            xs,
-            [state],
-            [cell.init_state()],
-            chunks=chunks,
-            reverse=direction == 1,
-            length=length,
-            resets=resets,
-        )
-        return ys, final
 
     def step(
         self,
@@ -742,33 +467,13 @@ class StackedRNN(eqx.Module):
         check_vector("x", x, self.input_size)
         check_like("state", state, self.init_state())
         inference = self.inference if inference is None else inference
-        active = self._active(inference)
-        per_sequence = [
-            name
-            for name, on in (
-                ("variational", self.variational and "dropout" in active),
-                ("recurrent_dropout", "recurrent_dropout" in active),
-                ("weight_drop", "weight_drop" in active),
-            )
-            if on
-        ]
-        if per_sequence:
-            names = " and ".join(f"`{n}`" for n in per_sequence)
-            raise ValueError(
-                f"{names} draw one mask per sequence, which `step` cannot keep "
-                "across separate calls; in training, run the sequence with "
-                "`__call__`, or pass `inference=True`"
-            )
-        keys = self._keys(key, inference)
+        check_step(self, inference)
+        keys = mask_keys(self, key, inference)
 
         def run(cell, inputs, layer_state, direction):
             new = cell(inputs[0], layer_state)
             return cell.output(new)[None], new
 
-        states = iter(self._split(state))
-        hs = x[None]
-        finals = []
-        for i in range(self.num_layers):
-            hs, layer_finals = self._run_layer(i, hs, states, keys, inference, run)
-            finals += layer_finals
-        return hs[0], self._join(finals)
+        states = self._split(state)
+        outputs, finals = fold_layers(self, x[None], states, keys, inference, run)
+        return outputs[-1][0], self._join(finals)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._cells import AbstractCell, ElmanCell, GRUCell, LSTMCell
+from .._regularise import zoneout_on
 from .._stack import StackedRNN
 
 
@@ -371,7 +372,7 @@ def to_torch_module(stack: StackedRNN) -> "torch.nn.RNNBase":
     training-only ones (`variational`, `recurrent_dropout`, `weight_drop`) are not
     carried over.
     """
-    if stack.residual or stack._zoneout_on:
+    if stack.residual or zoneout_on(stack.zoneout):
         option = "residual" if stack.residual else "zoneout"
         raise ValueError(
             f"PyTorch's RNN modules have no `{option}`, which changes what the stack "
