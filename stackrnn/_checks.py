@@ -126,9 +126,9 @@ def check_resets(name: str, resets, time: int) -> None:
 def check_transduce(encode, decode, inputs, input_size: int, output_size: int) -> int:
     """The arguments of `StackedRNN.transduce`, checked on their shapes alone
     (`jax.eval_shape`): `inputs` must be a PyTree of arrays sharing a leading (time)
-    axis, `encode(inputs)` a float array of shape `(time, input_size)`, and `decode`
-    of outputs of shape `(time, output_size)` and `inputs` a PyTree of arrays whose
-    leading axis is time. Returns `time`."""
+    axis, `encode(inputs)` a float array of shape `(time, input_size)`, and
+    `decode(outputs, inputs)`, for outputs of shape `(time, output_size)`, a PyTree of
+    arrays whose leading axis is time. Returns `time`."""
     leaves = jax.tree.leaves(inputs)
     if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves):
         raise ValueError(
