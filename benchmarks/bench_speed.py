@@ -3,8 +3,9 @@
 Runs every implementation in ONE process, alternating them round by round, and reports
 the median of `--repeats` timed runs after warm-up, for the forward pass and for the
 forward and backward pass (gradient of the sum of squared outputs with respect to
-every parameter). Also measures this machine's float32 GEMM rate and reports each
-implementation's share of it.
+every parameter). The ratios in the table are medians over rounds of the two times
+measured in the same round. Also measures this machine's float32 GEMM rate before
+each config and cell, and reports each implementation's share of it.
 
     python benchmarks/bench_speed.py                      # everything
     python benchmarks/bench_speed.py --configs d2l --cells gru --repeats 7
@@ -48,6 +49,8 @@ def flops(cell, config, backward):
 
 
 def gemm_rate(repeats):
+    """This machine's float32 GEMM rate: the median over `repeats` products of two
+    2048 x 2048 matrices, in FLOP/s."""
     n = 2048
     a = jax.random.normal(jax.random.key(0), (n, n))
     dot = jax.jit(jnp.dot)
@@ -235,7 +238,11 @@ IMPLEMENTATIONS = {
 }
 
 
-def measure(cell, name, repeats, rate):
+def measure(cell, name, repeats):
+    """Times every implementation, alternating them round by round; the GEMM rate
+    the shares refer to is measured just before, on its own (timed between the
+    implementations it ran slower and changed their times)."""
+    rate = gemm_rate(repeats)
     config = CONFIGS[name]
     thunks = {impl: make(cell, config) for impl, make in IMPLEMENTATIONS.items()}
     results = {impl: {"fwd": [], "fwd+bwd": []} for impl in thunks}
@@ -259,6 +266,8 @@ def measure(cell, name, repeats, rate):
                 cell=cell,
                 mode=mode,
                 ms={i: 1e3 * m for i, m in medians.items()},
+                seconds={i: r[mode] for i, r in results.items()},
+                gemm_rate=rate,
                 gemm_fraction={i: work / m / rate for i, m in medians.items()},
             )
         )
@@ -270,7 +279,14 @@ def default_path(name):
     return "fast" if CONFIGS[name][1] >= FAST_MIN_HIDDEN else "reference"
 
 
-def table(rows, rate):
+def ratio(row, a, b):
+    """Median over rounds of `a`'s time / `b`'s time in the same round: the two ran
+    one after the other, so a slow spell of the machine mostly scales both."""
+    pairs = zip(row["seconds"][a], row["seconds"][b])
+    return statistics.median(x / y for x, y in pairs)
+
+
+def table(rows):
     """The Markdown table of docs/benchmarks.md."""
     names = {"torch": "torch", "equinox": "Equinox cells"}
     impls = list(IMPLEMENTATIONS)
@@ -288,15 +304,20 @@ def table(rows, rate):
         config = ", ".join(map(str, CONFIGS[r["config"]]))
         ms = " | ".join(f"{r['ms'][i]:.1f}" for i in impls)
         path = default_path(r["config"])
-        torch_ratio = r["ms"]["torch"] / r["ms"][path]
-        vmap_ratio = r["ms"][path] / r["ms"][f"{path}, batch"]
+        torch_ratio = ratio(r, "torch", path)
+        vmap_ratio = ratio(r, path, f"{path}, batch")
         lines.append(
             f"| {r['config']} ({config}) | {r['cell']} | {r['mode']} | {ms} | {path} | "
             f"{torch_ratio:.2f} | {vmap_ratio:.2f} | "
             f"{100 * r['gemm_fraction']['fast']:.0f} |"
         )
     lines.append("")
-    lines.append(f"Measured float32 GEMM rate (2048x2048): {rate / 1e9:.1f} GFLOP/s")
+    rates = sorted({r["gemm_rate"] / 1e9 for r in rows})
+    lines.append(
+        f"Measured float32 GEMM rate (2048x2048), before each config and cell: "
+        f"{statistics.median(rates):.1f} GFLOP/s (from {rates[0]:.1f} to "
+        f"{rates[-1]:.1f})"
+    )
     return "\n".join(lines)
 
 
@@ -310,7 +331,7 @@ def chart(rows, path):
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 4))
     for shift, impl in ((-0.2, "fast"), (0.2, "reference")):
-        ratios = [r["ms"]["torch"] / r["ms"][impl] for r in rows]
+        ratios = [ratio(r, "torch", impl) for r in rows]
         ax.bar(x + shift, ratios, 0.4, label=f"{impl} path")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(x, labels, fontsize=7)
@@ -337,7 +358,6 @@ def main():
 
     import torch
 
-    rate = gemm_rate(args.repeats)
     print(
         f"# {platform.processor() or platform.machine()}, jax {jax.__version__}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
@@ -346,12 +366,12 @@ def main():
     rows = []
     for name in args.configs:
         for cell in args.cells:
-            rows.extend(measure(cell, name, args.repeats, rate))
+            rows.extend(measure(cell, name, args.repeats))
             print(f"measured {name} {cell}", flush=True)
-    print(table(rows, rate))
+    print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(gemm_flops_per_s=rate, rows=rows), f, indent=1)
+            json.dump(dict(rows=rows), f, indent=1)
     if args.chart:
         chart(rows, args.chart)
 
