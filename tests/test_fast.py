@@ -126,6 +126,59 @@ def test_stacks_agree_on_both_paths(cfg, seed):
     assert tree_allclose(got.cells, want.cells, rtol=1e-4, atol=1e-4)
 
 
+class _OddGates(stackrnn.AbstractAffineCell):
+    """A user's affine cell whose gates are one wider than its state, so not a whole
+    number of blocks of `hidden_size`: the fast path reads them as one array."""
+
+    weight_ih: jax.Array
+    weight_hh: jax.Array
+    bias_ih: jax.Array
+    bias_hh: None
+    input_size: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+
+    def __init__(self, input_size, hidden_size, key):
+        k1, k2, k3 = jr.split(key, 3)
+        self.weight_ih = jr.normal(k1, (hidden_size + 1, input_size), jnp.float64)
+        self.weight_hh = jr.normal(k2, (hidden_size + 1, hidden_size), jnp.float64)
+        self.bias_ih = jr.normal(k3, (hidden_size + 1,), jnp.float64)
+        self.bias_hh = None
+        self.input_size, self.hidden_size = input_size, hidden_size
+
+    @property
+    def output_size(self):
+        return self.hidden_size
+
+    def init_state(self):
+        return jnp.zeros(self.hidden_size, jnp.float64)
+
+    def pointwise(self, gates_x, gates_h, state):
+        gates = gates_x + gates_h
+        return jnp.tanh(gates[:-1]) * jax.nn.sigmoid(gates[-1]) + 0.5 * state
+
+    def output(self, state):
+        return state
+
+
+def test_gates_not_in_blocks_of_the_width():
+    with x64(True):
+        kc, kx, ks = jr.split(jr.key(0), 3)
+        cell = _OddGates(3, 4, kc)
+        assert supports(cell)
+        xs = jr.normal(kx, (5, 3), jnp.float64)
+        state = jr.normal(ks, (4,), jnp.float64)
+        assert tree_allclose(
+            jax.jit(scan_fast)(cell, xs, state),
+            scan_reference(cell, xs, state),
+            rtol=RTOL,
+            atol=ATOL,
+        )
+        argnums = (0, 1, 2)
+        got = jax.jit(jax.grad(_loss(scan_fast, False), argnums))(cell, xs, state)
+        want = jax.grad(_loss(scan_reference, False), argnums)(cell, xs, state)
+        assert tree_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
 def test_which_cells_take_the_fast_path():
     key = jr.key(0)
     assert supports(stackrnn.ElmanCell(2, 3, key=key))
