@@ -72,19 +72,31 @@ def _time(fn, repeats, warmup=2):
 # --- implementations: each returns (forward, forward_backward) thunks ---------------
 
 
+def _thunks(outputs, model, xs):
+    """The forward and the fwd+bwd thunks of `outputs(model, xs)`: jitted, the
+    gradient of the sum of squared outputs with respect to `model`."""
+    forward = eqx.filter_jit(outputs)
+    grad = eqx.filter_jit(eqx.filter_grad(lambda m, xs: jnp.sum(outputs(m, xs) ** 2)))
+    return (lambda: forward(model, xs)), (lambda: grad(model, xs))
+
+
+def _stack(cell, config):
+    """stackrnn's stack of `cell` for `config`, the same parameters in every
+    implementation that uses stackrnn's cells."""
+    i, h, layers, _, _ = config
+    make = {"rnn": stackrnn.RNN, "gru": stackrnn.GRU, "lstm": stackrnn.LSTM}[cell]
+    return make(i, h, layers, key=jax.random.key(0))
+
+
 def ours(cell, config, fast):
     i, h, layers, b, t = config
-    make = {"rnn": stackrnn.RNN, "gru": stackrnn.GRU, "lstm": stackrnn.LSTM}[cell]
-    stack = make(i, h, layers, key=jax.random.key(0))
-    stack = stackrnn.StackedRNN(stack.cells, fast=fast)
+    stack = stackrnn.StackedRNN(_stack(cell, config).cells, fast=fast)
     xs = jax.random.normal(jax.random.key(1), (b, t, i))
 
     def outputs(model, xs):
         return jax.vmap(lambda x: model(x)[0])(xs)
 
-    forward = eqx.filter_jit(outputs)
-    grad = eqx.filter_jit(eqx.filter_grad(lambda m, xs: jnp.sum(outputs(m, xs) ** 2)))
-    return (lambda: forward(stack, xs)), (lambda: grad(stack, xs))
+    return _thunks(outputs, stack, xs)
 
 
 def reference_batched(cell, config):
@@ -94,8 +106,7 @@ def reference_batched(cell, config):
     and output as the vmapped stack, batch-major; the transposes to and from
     time-major order are part of its time, as they are of the vmapped stack's."""
     i, h, layers, b, t = config
-    make = {"rnn": stackrnn.RNN, "gru": stackrnn.GRU, "lstm": stackrnn.LSTM}[cell]
-    stack = make(i, h, layers, key=jax.random.key(0))
+    stack = _stack(cell, config)
     xs = jax.random.normal(jax.random.key(1), (b, t, i))
 
     def outputs(model, xs):
@@ -114,9 +125,7 @@ def reference_batched(cell, config):
             _, xs = jax.lax.scan(step, state, xs)
         return jnp.swapaxes(xs, 0, 1)
 
-    forward = eqx.filter_jit(outputs)
-    grad = eqx.filter_jit(eqx.filter_grad(lambda m, xs: jnp.sum(outputs(m, xs) ** 2)))
-    return (lambda: forward(stack, xs)), (lambda: grad(stack, xs))
+    return _thunks(outputs, stack, xs)
 
 
 class _BatchedCell(eqx.Module):
@@ -144,8 +153,7 @@ def fast_batched(cell, config):
     explicit, time-major batch: what the fast path under `jax.vmap` is compared
     to. Batch-major input and output, as `reference_batched`."""
     i, h, layers, b, t = config
-    make = {"rnn": stackrnn.RNN, "gru": stackrnn.GRU, "lstm": stackrnn.LSTM}[cell]
-    cells = [_BatchedCell(c) for c in make(i, h, layers, key=jax.random.key(0)).cells]
+    cells = [_BatchedCell(c) for c in _stack(cell, config).cells]
     xs = jax.random.normal(jax.random.key(1), (b, t, i))
 
     def outputs(cells, xs):
@@ -157,9 +165,7 @@ def fast_batched(cell, config):
             xs, _ = scan_fast(c, xs, state)
         return jnp.swapaxes(xs, 0, 1)
 
-    forward = eqx.filter_jit(outputs)
-    grad = eqx.filter_jit(eqx.filter_grad(lambda m, xs: jnp.sum(outputs(m, xs) ** 2)))
-    return (lambda: forward(cells, xs)), (lambda: grad(cells, xs))
+    return _thunks(outputs, cells, xs)
 
 
 class _EqxElman(eqx.Module):
@@ -203,9 +209,7 @@ def plain_equinox(cell, config):
     def outputs(cells, xs):
         return jax.vmap(lambda x: run(cells, x))(xs)
 
-    forward = eqx.filter_jit(outputs)
-    grad = eqx.filter_jit(eqx.filter_grad(lambda m, xs: jnp.sum(outputs(m, xs) ** 2)))
-    return (lambda: forward(cells, xs)), (lambda: grad(cells, xs))
+    return _thunks(outputs, cells, xs)
 
 
 def pytorch(cell, config):
