@@ -18,16 +18,20 @@ environment of its own:
     seedenv/bin/pip install --no-deps d2l==1.0.3
 
     python benchmarks/seed_epoch.py --seed-python seedenv/bin/python \\
-        [--data ../shared/data/timemachine.txt] [--rounds 3] [--epochs 6]
+        [--data ../shared/data/timemachine.txt] [--rounds 3] [--epochs 6] \\
+        [--cpu-devices N [N ...]]
 
 Each process trains for `--epochs` epochs and reports the median of its epochs after
 the first (which compiles): for the seed, the wall time of d2l's `Trainer.fit_epoch`
 (training, validation and its progress plot); for ours, the `s/epoch` that
-`stackrnn train` prints. The script prints every round, then the medians over
-rounds and their ratio.
+`stackrnn train` prints. `--cpu-devices 1 2` runs ours twice a round, with
+`JAX_NUM_CPU_DEVICES=1` and `=2`: the CPU as one JAX device, or split into two that
+train data-parallel (docs/parallel.md). The script prints every round, then the
+medians over rounds and their ratios.
 """
 
 import argparse
+import os
 import pathlib
 import re
 import shutil
@@ -73,13 +77,14 @@ def seed_epoch(python, data, epochs, workdir):
     return float(re.search(r"seconds per epoch: ([\d.]+)", out).group(1))
 
 
-def our_epoch(data, epochs, workdir):
+def our_epoch(data, epochs, workdir, cpu_devices):
     out = subprocess.run(
         [sys.executable, "-m", "stackrnn", "train", "--data", str(data)]
         + ["--out", str(workdir / "ours"), "--epochs", str(epochs), "--quiet"],
         capture_output=True,
         text=True,
         check=True,
+        env=dict(os.environ, JAX_NUM_CPU_DEVICES=str(cpu_devices)),
     ).stdout
     shutil.rmtree(workdir / "ours")
     return float(re.search(r"([\d.]+) s/epoch", out).group(1))
@@ -92,23 +97,35 @@ def main():
     parser.add_argument("--data", type=pathlib.Path, default=default_data)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="run ours with the CPU split into this many JAX devices (default 1)",
+    )
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be >= 2: the first epoch compiles")
-    seed, ours = [], []
+    seed, ours = [], {n: [] for n in args.cpu_devices}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = pathlib.Path(tmp)
         for round_ in range(args.rounds):
             seed.append(seed_epoch(args.seed_python, args.data, args.epochs, workdir))
-            ours.append(our_epoch(args.data, args.epochs, workdir))
-            print(
-                f"round {round_ + 1}: seed {seed[-1]:.3f} s/epoch, "
-                f"stackrnn {ours[-1]:.3f} s/epoch",
-                flush=True,
-            )
-    s, o = statistics.median(seed), statistics.median(ours)
-    print(f"median of {args.rounds} rounds: seed {s:.3f}, stackrnn {o:.3f} s/epoch")
-    print(f"seed / stackrnn: {s / o:.2f}x")
+            line = f"round {round_ + 1}: seed {seed[-1]:.3f} s/epoch"
+            for n, times in ours.items():
+                times.append(our_epoch(args.data, args.epochs, workdir, n))
+                line += f", stackrnn ({n} CPU devices) {times[-1]:.3f} s/epoch"
+            print(line, flush=True)
+    s = statistics.median(seed)
+    print(f"median of {args.rounds} rounds: seed {s:.3f} s/epoch")
+    for n, times in ours.items():
+        o = statistics.median(times)
+        per_round = statistics.median(a / b for a, b in zip(seed, times))
+        print(
+            f"stackrnn, {n} CPU devices: {o:.3f} s/epoch; seed / stackrnn: "
+            f"{s / o:.2f}x (median of the rounds' ratios: {per_round:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

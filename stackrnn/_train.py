@@ -5,10 +5,14 @@ the optimiser step over all batches (each batch `jax.vmap`s the model over its
 windows), then scans the validation windows. Python runs once per epoch, never per
 batch, so small models are not dominated by dispatch overhead.
 
-With several devices the same call runs data-parallel: a `jax.sharding.Mesh` over
-the batch axis splits every batch between the devices, parameters and optimiser
-state are replicated, and XLA inserts the reduction of the gradients (GSPMD). The
-arithmetic is the single-device run's up to the order of the sums.
+With several devices the same call runs data-parallel: parameters and optimiser
+state are replicated on a `jax.sharding.Mesh` with one axis, `batch`, and the loss and
+gradient of every batch are computed under `jax.shard_map`, each device on its share
+of the windows, then summed across devices (`jax.lax.psum`); every device applies the
+same update. The arithmetic is the single-device run's up to the order of the sums.
+(Leaving the split to XLA's sharding propagation instead, with a sharding constraint
+on the batch, compiled an epoch that ran 1.5x slower on two CPU devices:
+docs/parallel.md.)
 """
 
 import dataclasses
@@ -98,26 +102,34 @@ def _batches(order: Int[Array, " n"], batch_size: int, dtype, multiple: int = 1)
 VAL_BATCHES = 8
 
 
-def _batch_loss(model, x, y, mask, key, inference, num_keys=None):
-    """Mean loss over the real windows of a batch: padded windows weigh nothing, so a
-    short last batch is exactly the mean over its windows, as d2l's `DataLoader`.
+def _window_keys(model, key, size, inference, num_keys=None):
+    """The dropout keys of a batch of `size` windows: `(keys, weight_key)`, one key
+    per window and the batch's weight-drop key (`None` when weights are not dropped).
 
-    The dropout keys are the first `x.shape[0]` of `split(key, num_keys)` (default:
-    one per window), repeated over windows beyond `num_keys`: a short last batch
-    draws the masks of a full one's first windows, and a batch padded for several
-    devices those of the unpadded one. Weight drop draws one mask for the whole
-    batch, as AWD-LSTM does (`StackedRNN.drop_weights`): one per window would
-    multiply the recurrent weights by the batch size."""
+    The window keys are the first `size` of `split(key, num_keys)` (default: one per
+    window), repeated over windows beyond `num_keys`: a short last batch draws the
+    masks of a full one's first windows, and a batch padded for several devices
+    those of the unpadded one. Weight drop draws one mask for the whole batch, as
+    AWD-LSTM does (`StackedRNN.drop_weights`): one per window would multiply the
+    recurrent weights by the batch size."""
+    weight_key = None
     if not inference and model.rnn.weight_drop > 0:
         key, weight_key = jax.random.split(key)
+    keys = jax.random.split(key, num_keys or size)
+    if keys.shape[0] != size:
+        keys = keys[jnp.arange(size) % keys.shape[0]]
+    return keys, weight_key
+
+
+def _loss_sum(model, x, y, mask, keys, weight_key, inference):
+    """The sum of the windows' mean losses, each weighted by `mask` (1 for a real
+    window, 0 for padding)."""
+    if weight_key is not None:
         model = eqx.tree_at(lambda m: m.rnn, model, model.rnn.drop_weights(weight_key))
-    keys = jax.random.split(key, num_keys or x.shape[0])
-    if keys.shape[0] != x.shape[0]:
-        keys = keys[jnp.arange(x.shape[0]) % keys.shape[0]]
     losses = jax.vmap(
         lambda x, y, k: sequence_loss(model, x, y, key=k, inference=inference)
     )(x, y, keys)
-    return jnp.sum(losses * mask) / jnp.sum(mask)
+    return jnp.sum(losses * mask)
 
 
 @eqx.filter_jit
@@ -133,29 +145,57 @@ def _epoch(
     train_x, train_y, val_x, val_y = data
     dtype = model.weight.dtype
     devices = 1 if mesh is None else mesh.size
+    params, static = eqx.partition(model, eqx.is_inexact_array)
 
-    def split(*arrays):
-        # Each device takes its slice of the batch; the rest follows by propagation.
+    def per_device(f):
+        # `f(params, x, y, mask, keys, weight_key)` on each device's share of the
+        # batch; `total` sums over the devices.
         if mesh is None:
-            return arrays
-        sharding = NamedSharding(mesh, PartitionSpec("batch"))
-        return tuple(jax.lax.with_sharding_constraint(a, sharding) for a in arrays)
+            return f
+        split, whole = PartitionSpec("batch"), PartitionSpec()
+        return jax.shard_map(
+            f,
+            mesh=mesh,
+            in_specs=(whole, split, split, split, split, whole),
+            out_specs=whole,
+            # The layers' scans start from a state shared by all devices and carry
+            # one that differs between them, which the type check rejects.
+            check_vma=False,
+        )
+
+    def total(x):
+        return x if mesh is None else jax.lax.psum(x, "batch")
+
+    def batch_mean(params, x, y, mask, keys, weight_key, inference):
+        model = eqx.combine(params, static)
+        loss = _loss_sum(model, x, y, mask, keys, weight_key, inference)
+        return loss / total(jnp.sum(mask))
+
+    @per_device
+    def train_grads(params, x, y, mask, keys, weight_key):
+        loss, grads = jax.value_and_grad(batch_mean)(
+            params, x, y, mask, keys, weight_key, False
+        )
+        return total(loss), total(grads)
+
+    @per_device
+    def val_mean(params, x, y, mask, keys, weight_key):
+        return total(batch_mean(params, x, y, mask, keys, weight_key, True))
 
     perm_key, step_key = jax.random.split(key)
     batches = _batches(
         jax.random.permutation(perm_key, train_x.shape[0]), batch_size, dtype, devices
     )
-    params, static = eqx.partition(model, eqx.is_inexact_array)
 
     def step(carry, batch):
         params, opt_state = carry
-        idx, m, k = batch
-        x, y, m = split(train_x[idx], train_y[idx], m)
-        loss, grads = jax.value_and_grad(
-            lambda p: _batch_loss(eqx.combine(p, static), x, y, m, k, False, batch_size)
-        )(params)
+        idx, mask, k = batch
+        keys, weight_key = _window_keys(model, k, idx.shape[0], False, batch_size)
+        loss, grads = train_grads(
+            params, train_x[idx], train_y[idx], mask, keys, weight_key
+        )
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (eqx.apply_updates(params, updates), opt_state), loss * jnp.sum(m)
+        return (eqx.apply_updates(params, updates), opt_state), loss * jnp.sum(mask)
 
     step_keys = jax.random.split(step_key, sum(order.shape[0] for order, _ in batches))
     carry, train_total, start = (params, opt_state), 0.0, 0
@@ -164,14 +204,13 @@ def _epoch(
         carry, losses = jax.lax.scan(step, carry, (order, mask, keys))
         train_total, start = train_total + jnp.sum(losses), start + order.shape[0]
     params, opt_state = carry
-    model = eqx.combine(params, static)
     train_loss = train_total / train_x.shape[0]
 
-    def evaluate(total, batch):
-        idx, m = batch
-        x, y, m = split(val_x[idx], val_y[idx], m)
-        loss = _batch_loss(model, x, y, m, key, True)
-        return total + loss * jnp.sum(m), None
+    def evaluate(val_total, batch):
+        idx, mask = batch
+        keys, _ = _window_keys(model, key, idx.shape[0], True)
+        loss = val_mean(params, val_x[idx], val_y[idx], mask, keys, None)
+        return val_total + loss * jnp.sum(mask), None
 
     # Validation keeps nothing for a backward pass: batches of up to 8x the
     # training batch cost no more memory and run fewer, larger products.
@@ -180,6 +219,7 @@ def _epoch(
         jnp.arange(val_x.shape[0]), VAL_BATCHES * batch_size, dtype, devices
     ):
         val_total, _ = jax.lax.scan(evaluate, val_total, batch)
+    model = eqx.combine(params, static)
     return model, opt_state, train_loss, val_total / val_x.shape[0]
 
 
@@ -231,9 +271,11 @@ def fit(
     - `devices`: train data-parallel on the first `devices` of `jax.devices()`
       (every process's devices after `jax.distributed.initialize()`): each batch
       is split between them, padded with masked windows to a multiple of
-      `devices`, the parameters are replicated and XLA sums the gradients. Default:
-      all devices. The result is the one-device run's up to rounding (the sums
-      are taken in another order). (Keyword only argument.)
+      `devices`, the parameters are replicated and the gradients summed across the
+      devices. Default: all devices. The result is the one-device run's up to
+      rounding (the sums are taken in another order). On a CPU, JAX sees one
+      device unless told to split it (`JAX_NUM_CPU_DEVICES=N`, see "Training on
+      several devices" in the docs). (Keyword only argument.)
 
     **Returns:**
 
@@ -291,9 +333,15 @@ def _mesh(devices: int | None) -> Mesh | None:
         devices = available
     check_size("devices", devices)
     if devices > available:
+        hint = ""
+        if all(d.platform == "cpu" for d in jax.devices()):
+            hint = (
+                "; to split the CPU into several devices, set the environment "
+                f"variable JAX_NUM_CPU_DEVICES={devices} before JAX starts"
+            )
         raise ValueError(
             f"`devices` (={devices}) must be at most the number of devices "
-            f"(={available}: {jax.devices()})"
+            f"(={available}: {jax.devices()}){hint}"
         )
     if devices == 1:
         return None

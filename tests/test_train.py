@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import stackrnn
-from stackrnn._train import _batch_loss, _batches, _epoch
+from stackrnn._train import _batches, _epoch, _loss_sum, _window_keys
 
 from .helpers import tree_allclose, tree_equal
 
@@ -48,6 +48,12 @@ def test_batches_cover_every_window_once(n, batch_size, multiple):
     np.testing.assert_array_equal(real, order)
 
 
+def batch_loss(model, x, y, mask, key, inference):
+    """A batch's loss as the compiled epoch takes it on one device."""
+    keys, weight_key = _window_keys(model, key, x.shape[0], inference)
+    return _loss_sum(model, x, y, mask, keys, weight_key, inference) / jnp.sum(mask)
+
+
 def test_padded_batch_is_the_mean_over_real_windows(data, getkey):
     model = tiny_model(data, getkey())
     x, y = jnp.asarray(data.train_x[:5]), jnp.asarray(data.train_y[:5])
@@ -57,7 +63,7 @@ def test_padded_batch_is_the_mean_over_real_windows(data, getkey):
     key = getkey()
 
     def padded(m):
-        return _batch_loss(m, x[idx[0]], y[idx[0]], mask[0], key, True)
+        return batch_loss(m, x[idx[0]], y[idx[0]], mask[0], key, True)
 
     def unpadded(m):
         return jnp.mean(jax.vmap(lambda a, b: stackrnn.sequence_loss(m, a, b))(x, y))
@@ -208,7 +214,7 @@ def test_bad_arguments(data, getkey):
 # Run in a fresh interpreter: the device count is fixed when JAX starts.
 _DATA_PARALLEL = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_NUM_CPU_DEVICES"] = "4"
 import equinox as eqx, jax, numpy as np, stackrnn
 from stackrnn._train import _epoch, _mesh
 
@@ -259,6 +265,9 @@ def test_bad_devices(data, getkey):
         stackrnn.fit(model, data, epochs=1, key=getkey(), devices=0)
     with pytest.raises(ValueError, match=r"`devices` \(=99\) must be at most"):
         stackrnn.fit(model, data, epochs=1, key=getkey(), devices=99)
+    # The suite runs on the CPU, as one device: the error says how to split it.
+    with pytest.raises(ValueError, match="JAX_NUM_CPU_DEVICES=2 before JAX starts"):
+        stackrnn.fit(model, data, epochs=1, key=getkey(), devices=2)
 
 
 def test_weight_drop_is_one_mask_per_batch(data, getkey):
@@ -271,10 +280,10 @@ def test_weight_drop_is_one_mask_per_batch(data, getkey):
     x, y = data.train_x[:1], data.train_y[:1]
     xs, ys = jnp.repeat(x, 8, axis=0), jnp.repeat(y, 8, axis=0)
     key = getkey()
-    one = _batch_loss(model, x, y, jnp.ones(1), key, False)
-    batch = _batch_loss(model, xs, ys, jnp.ones(8), key, False)
+    one = batch_loss(model, x, y, jnp.ones(1), key, False)
+    batch = batch_loss(model, xs, ys, jnp.ones(8), key, False)
     assert np.allclose(one, batch, rtol=1e-6)
-    other = _batch_loss(model, x, y, jnp.ones(1), getkey(), False)
+    other = batch_loss(model, x, y, jnp.ones(1), getkey(), False)
     assert not np.allclose(one, other)
-    plain = _batch_loss(model, x, y, jnp.ones(1), key, True)
+    plain = batch_loss(model, x, y, jnp.ones(1), key, True)
     assert not np.allclose(one, plain)
