@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._checks import check_like, check_size, check_vector
+from ._checks import check_key, check_like, check_size, check_vector, is_number
 from ._init import Initializer, PyTorchInit
 
 
@@ -76,8 +76,9 @@ class AbstractCell(eqx.Module):
 
         The new state, structured as `init_state()`.
         """
-        check_vector("x", x, self.input_size)
-        check_like("state", state, self.init_state())
+        fresh = self.init_state()
+        check_vector("x", x, self.input_size, jax.tree.leaves(fresh)[0].dtype)
+        check_like("state", state, fresh)
         return self.recur(self.project_input(x), state)
 
 
@@ -228,28 +229,25 @@ def _lstm_memory(gates, c):
     return c, _sigmoid(o)
 
 
-def _check_config(input_size, hidden_size):
-    check_size("input_size", input_size)
-    check_size("hidden_size", hidden_size)
+def _check_config(input_size, hidden_size, key):
+    check_key("key", key)
+    return check_size("input_size", input_size), check_size("hidden_size", hidden_size)
 
 
 def _check_proj_size(proj_size, hidden_size):
-    check_size("proj_size", proj_size, minimum=0)
+    proj_size = check_size("proj_size", proj_size, minimum=0)
     if proj_size >= hidden_size:
         raise ValueError(
             f"`proj_size` (={proj_size}) must be smaller than `hidden_size` "
             f"(={hidden_size})"
         )
+    return proj_size
 
 
 def _check_forget_bias(forget_bias, bias):
     if forget_bias is None:
         return
-    if (
-        isinstance(forget_bias, bool)
-        or not isinstance(forget_bias, (int, float))
-        or not math.isfinite(forget_bias)
-    ):
+    if not is_number(forget_bias) or not math.isfinite(forget_bias):
         raise ValueError(
             f"`forget_bias` must be a finite number or None, got {forget_bias!r}"
         )
@@ -311,7 +309,7 @@ class ElmanCell(AbstractAffineCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        _check_config(input_size, hidden_size)
+        input_size, hidden_size = _check_config(input_size, hidden_size, key)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(
                 f'`nonlinearity` must be "tanh" or "relu", got {nonlinearity!r}'
@@ -373,7 +371,7 @@ class GRUCell(AbstractAffineCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        _check_config(input_size, hidden_size)
+        input_size, hidden_size = _check_config(input_size, hidden_size, key)
         dtype = _default_float() if dtype is None else dtype
         h, i = hidden_size, input_size
         shapes = dict(
@@ -445,8 +443,8 @@ class LSTMCell(AbstractAffineCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        _check_config(input_size, hidden_size)
-        _check_proj_size(proj_size, hidden_size)
+        input_size, hidden_size = _check_config(input_size, hidden_size, key)
+        proj_size = _check_proj_size(proj_size, hidden_size)
         _check_forget_bias(forget_bias, bias)
         dtype = _default_float() if dtype is None else dtype
         h, i = hidden_size, input_size

@@ -4,25 +4,53 @@ Every check runs at trace time (shapes and dtypes are static under `jit`), so it
 nothing at run time, and names the argument, what was expected and what arrived.
 """
 
+import numbers
+
 import chex
 import jax
 import jax.numpy as jnp
 
 
+def is_integer(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A Python or NumPy real number, not a bool (NumPy's bools are not numbers)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_size(name: str, value, *, minimum: int = 1) -> int:
-    """`value` must be a Python int >= `minimum` (bools are rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """`value` must be an integer >= `minimum` (bools are rejected); returned as a
+    Python int, so that static fields hash and print as the user expects."""
+    if not is_integer(value) or value < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_probability(name: str, value) -> float:
-    """`value` must be a number in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """`value` must be a number in [0, 1); returned as a Python float."""
+    if not is_number(value):
         raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}")
     if not 0.0 <= value < 1.0:
         raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
     return float(value)
+
+
+def check_key(name: str, key) -> None:
+    """`key` must be a JAX PRNG key: a typed key (`jax.random.key`) or a legacy
+    `uint32` array of shape `(2,)` (`jax.random.PRNGKey`)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if jnp.ndim(key) == 0:
+            return
+    elif dtype == jnp.uint32 and jnp.shape(key) == (2,):
+        return
+    raise TypeError(
+        f"`{name}` must be a single JAX PRNG key such as `jax.random.key(0)`, "
+        f"got {_describe(key)}"
+    )
 
 
 def check_floating(name: str, x) -> None:
@@ -34,9 +62,23 @@ def check_floating(name: str, x) -> None:
         )
 
 
-def check_sequence(name: str, xs, input_size: int) -> None:
-    """`xs` must be a float array of shape `(time, input_size)` with time >= 1."""
+def check_dtype(name: str, x, dtype) -> None:
+    """`x` must have the parameters' floating dtype `dtype`: inputs and states are
+    never cast, so a mixed-precision model casts where it means to."""
+    got = jnp.result_type(x)
+    if got != dtype:
+        raise TypeError(
+            f"`{name}` must have the parameters' dtype {jnp.dtype(dtype)}, got "
+            f"{got}; cast it first (`.astype(jnp.{jnp.dtype(dtype)})`)"
+        )
+
+
+def check_sequence(name: str, xs, input_size: int, dtype=None) -> None:
+    """`xs` must be a float array of shape `(time, input_size)` with time >= 1, of
+    `dtype` when given."""
     check_floating(name, xs)
+    if dtype is not None:
+        check_dtype(name, xs, dtype)
     try:
         chex.assert_shape(xs, (None, input_size))
     except AssertionError:
@@ -55,9 +97,11 @@ def check_sequence(name: str, xs, input_size: int) -> None:
         )
 
 
-def check_vector(name: str, x, size: int) -> None:
-    """`x` must be a float array of shape `(size,)`."""
+def check_vector(name: str, x, size: int, dtype=None) -> None:
+    """`x` must be a float array of shape `(size,)`, of `dtype` when given."""
     check_floating(name, x)
+    if dtype is not None:
+        check_dtype(name, x, dtype)
     try:
         chex.assert_shape(x, (size,))
     except AssertionError:
@@ -70,7 +114,7 @@ def check_vector(name: str, x, size: int) -> None:
 
 
 def check_like(name: str, value, expected) -> None:
-    """`value` must have the tree structure, shapes and float dtypes of `expected`."""
+    """`value` must have the tree structure, shapes and dtypes of `expected`."""
     want = jax.tree.structure(expected)
     got = jax.tree.structure(value)
     if want != got:
@@ -84,6 +128,7 @@ def check_like(name: str, value, expected) -> None:
                 f"`{name}` must be {_describe(expected)}, got {_describe(value)}"
             )
         check_floating(name, leaf)
+        check_dtype(name, leaf, jnp.result_type(ref))
 
 
 def _describe(tree) -> str:
@@ -123,7 +168,9 @@ def check_resets(name: str, resets, time: int) -> None:
         )
 
 
-def check_transduce(encode, decode, inputs, input_size: int, output_size: int) -> int:
+def check_transduce(
+    encode, decode, inputs, input_size: int, output_size: int, dtype
+) -> int:
     """The arguments of `StackedRNN.transduce`, checked on their shapes alone
     (`jax.eval_shape`): `inputs` must be a PyTree of arrays sharing a leading (time)
     axis, `encode(inputs)` a float array of shape `(time, input_size)`, and
@@ -142,7 +189,7 @@ def check_transduce(encode, decode, inputs, input_size: int, output_size: int) -
             f"{[jnp.shape(leaf) for leaf in leaves]}"
         )
     encoded = jax.eval_shape(encode, inputs)
-    check_sequence("encode(inputs)", encoded, input_size)
+    check_sequence("encode(inputs)", encoded, input_size, dtype)
     if encoded.shape[0] != time:
         raise ValueError(
             f"`encode(inputs)` must have one row per step ({time}), got shape "

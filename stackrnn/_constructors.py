@@ -7,14 +7,14 @@ import jax
 from jaxtyping import PRNGKeyArray
 
 from ._cells import AbstractCell, ElmanCell, GRUCell, LSTMCell
-from ._checks import check_size
+from ._checks import check_key, check_size
 from ._init import Initializer, PyTorchInit
 from ._norm_cells import LayerNormGRUCell, LayerNormLSTMCell
 from ._stack import StackedRNN
 
 
 def _widths(hidden_size, num_layers) -> tuple[int, ...]:
-    check_size("num_layers", num_layers)
+    num_layers = check_size("num_layers", num_layers)
     if isinstance(hidden_size, Sequence):
         widths = tuple(hidden_size)
         if len(widths) != num_layers:
@@ -22,9 +22,7 @@ def _widths(hidden_size, num_layers) -> tuple[int, ...]:
                 f"`hidden_size` lists {len(widths)} widths but `num_layers` is "
                 f"{num_layers}; give one width per layer"
             )
-        for i, w in enumerate(widths):
-            check_size(f"hidden_size[{i}]", w)
-        return widths
+        return tuple(check_size(f"hidden_size[{i}]", w) for i, w in enumerate(widths))
     return (check_size("hidden_size", hidden_size),) * num_layers
 
 
@@ -42,7 +40,8 @@ def _build(
     key,
     **options,
 ) -> StackedRNN:
-    check_size("input_size", input_size)
+    check_key("key", key)
+    input_size = check_size("input_size", input_size)
     widths = _widths(hidden_size, num_layers)
     if not isinstance(bidirectional, bool):
         raise TypeError(f"`bidirectional` must be a bool, got {bidirectional!r}")

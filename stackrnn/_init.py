@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
+from ._checks import is_number
+
 
 Role = Literal["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"]
 
@@ -58,8 +60,10 @@ class NormalInit:
     sigma: float = 0.01
 
     def __post_init__(self):
-        if not (isinstance(self.sigma, (int, float)) and self.sigma >= 0):
+        if not (is_number(self.sigma) and self.sigma >= 0):
             raise ValueError(f"`sigma` must be a number >= 0, got {self.sigma!r}")
+        # A NumPy scalar would fix the weights' dtype under strict promotion.
+        object.__setattr__(self, "sigma", float(self.sigma))
 
     def __call__(self, key, shape, dtype, *, role, hidden_size):
         del hidden_size
@@ -96,12 +100,9 @@ class OrthogonalInit:
                 "`base` must be an initialiser, a callable "
                 f"`init(key, shape, dtype, *, role, hidden_size)`, got {self.base!r}"
             )
-        if (
-            isinstance(self.gain, bool)
-            or not isinstance(self.gain, (int, float))
-            or not 0 < self.gain < math.inf
-        ):
+        if not is_number(self.gain) or not 0 < self.gain < math.inf:
             raise ValueError(f"`gain` must be a finite number > 0, got {self.gain!r}")
+        object.__setattr__(self, "gain", float(self.gain))
 
     def __call__(self, key, shape, dtype, *, role, hidden_size):
         if role != "weight_hh":

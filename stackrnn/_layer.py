@@ -68,6 +68,11 @@ def scan_reference(
 
     def step(carry, inputs):
         x, reset, read = inputs
+        if read is not None:
+            # A padded step's input never reaches the cell: masking only the
+            # cell's results would keep NaN or inf padding out of the values but
+            # not out of the gradients (0 * NaN in the backward pass).
+            x = jnp.where(read, x, jnp.zeros_like(x))
         if reset is not None:
             carry = jax.tree.map(lambda f, c: jnp.where(reset, f, c), fresh, carry)
         new = cell(x, carry)

@@ -39,16 +39,14 @@ from ._cells import (
     _with_forget_bias,
     AbstractAffineCell,
 )
+from ._checks import is_number
 from ._init import Initializer, PyTorchInit
 
 
-def _check_eps(eps):
-    if (
-        isinstance(eps, bool)
-        or not isinstance(eps, (int, float))
-        or not 0 < eps < math.inf
-    ):
+def _check_eps(eps) -> float:
+    if not is_number(eps) or not 0 < eps < math.inf:
         raise ValueError(f"`eps` must be a finite number > 0, got {eps!r}")
+    return float(eps)
 
 
 def _norm(size, eps, bias, dtype) -> eqx.nn.LayerNorm:
@@ -113,8 +111,8 @@ class LayerNormGRUCell(AbstractAffineCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        _check_config(input_size, hidden_size)
-        _check_eps(eps)
+        input_size, hidden_size = _check_config(input_size, hidden_size, key)
+        eps = _check_eps(eps)
         dtype = _default_float() if dtype is None else dtype
         h, i = hidden_size, input_size
         shapes = dict(weight_ih=(3 * h, i), weight_hh=(3 * h, h))
@@ -194,10 +192,10 @@ class LayerNormLSTMCell(AbstractAffineCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        _check_config(input_size, hidden_size)
-        _check_proj_size(proj_size, hidden_size)
+        input_size, hidden_size = _check_config(input_size, hidden_size, key)
+        proj_size = _check_proj_size(proj_size, hidden_size)
         _check_forget_bias(forget_bias, bias)
-        _check_eps(eps)
+        eps = _check_eps(eps)
         dtype = _default_float() if dtype is None else dtype
         h, i = hidden_size, input_size
         shapes = dict(weight_ih=(4 * h, i), weight_hh=(4 * h, proj_size or h))

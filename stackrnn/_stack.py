@@ -191,6 +191,11 @@ class StackedRNN(eqx.Module):
     def output_size(self) -> int:
         return layer_output_size(self.cells, self.backward_cells, self.num_layers - 1)
 
+    @property
+    def _dtype(self):
+        # The bottom layer's state dtype, which its inputs must share.
+        return jax.tree.leaves(jax.eval_shape(self.cells[0].init_state))[0].dtype
+
     def _layer(self, layer: int) -> tuple[AbstractCell, ...]:
         return layer_cells(self.cells, self.backward_cells, layer)
 
@@ -316,7 +321,7 @@ class StackedRNN(eqx.Module):
         bidirectional); these are the outputs before dropout (after the residual
         connections), and the last entry is what `all_layers=False` returns.
         """
-        check_sequence("xs", xs, self.input_size)
+        check_sequence("xs", xs, self.input_size, self._dtype)
         time = jnp.shape(xs)[0]
         if length is not None:
             check_length("length", length, time)
@@ -397,7 +402,7 @@ class StackedRNN(eqx.Module):
         `__call__`'s masks.
         """
         time = check_transduce(
-            encode, decode, inputs, self.input_size, self.output_size
+            encode, decode, inputs, self.input_size, self.output_size, self._dtype
         )
         chunks = chunk_lengths(self.checkpoint, time)
         if chunks is None or self.bidirectional:
@@ -464,7 +469,7 @@ class StackedRNN(eqx.Module):
                 "`step` needs a unidirectional stack: the backward direction of a "
                 "bidirectional stack reads the whole sequence; call the stack on it"
             )
-        check_vector("x", x, self.input_size)
+        check_vector("x", x, self.input_size, self._dtype)
         check_like("state", state, self.init_state())
         inference = self.inference if inference is None else inference
         check_step(self, inference)

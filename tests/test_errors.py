@@ -3,11 +3,15 @@ value."""
 
 import re
 
+import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import pytest
 
 import stackrnn
+
+from .helpers import with_options
 
 
 KEY = jr.key(0)
@@ -191,3 +195,95 @@ def test_cell_inputs():
         cell(jnp.ones((3,)), jnp.zeros((4,)))
     with _raises(TypeError, "`x`", "floating-point"):
         cell(jnp.ones((3,), jnp.int32), cell.init_state())
+
+
+# Every cell kind, on both layer paths: the dtype rule is checked before a path runs.
+_KINDS = [
+    lambda **kw: stackrnn.RNN(3, 4, **kw),
+    lambda **kw: stackrnn.RNN(3, 4, nonlinearity="relu", **kw),
+    lambda **kw: stackrnn.GRU(3, 4, **kw),
+    lambda **kw: stackrnn.LSTM(3, 4, **kw),
+    lambda **kw: stackrnn.GRU(3, 4, layer_norm=True, **kw),
+    lambda **kw: stackrnn.LSTM(3, 4, layer_norm=True, **kw),
+]
+
+
+@pytest.mark.parametrize("make", _KINDS)
+@pytest.mark.parametrize("fast", [False, True])
+def test_inputs_and_state_must_have_the_parameters_dtype(make, fast):
+    stack = with_options(make(num_layers=2, key=KEY), fast=fast)
+    xs, state = jnp.ones((5, 3)), stack.init_state()
+    for dtype in (jnp.float16, jnp.bfloat16):
+        with _raises(TypeError, "`xs`", "dtype float32", f"got {jnp.dtype(dtype)}"):
+            stack(xs.astype(dtype), inference=True)
+        low = jax.tree.map(lambda s: s.astype(dtype), state)
+        with _raises(TypeError, "`state`", "dtype float32", f"got {jnp.dtype(dtype)}"):
+            stack(xs, low, inference=True)
+        with _raises(TypeError, "`x`", "dtype float32", f"got {jnp.dtype(dtype)}"):
+            stack.step(xs[0].astype(dtype), state, inference=True)
+        with _raises(TypeError, "`state`", "dtype float32", f"got {jnp.dtype(dtype)}"):
+            stack.step(xs[0], low, inference=True)
+    half = with_options(make(num_layers=2, dtype=jnp.float16, key=KEY), fast=fast)
+    with _raises(TypeError, "`xs`", "dtype float16", "got float32"):
+        half(xs, inference=True)
+    ys, _ = half(xs.astype(jnp.float16), inference=True)
+    assert ys.dtype == jnp.float16
+
+
+def test_cell_inputs_and_state_must_have_the_parameters_dtype():
+    cell = stackrnn.LSTMCell(3, 4, key=KEY)
+    h, c = cell.init_state()
+    with _raises(TypeError, "`x`", "dtype float32", "got bfloat16"):
+        cell(jnp.ones(3, jnp.bfloat16), (h, c))
+    with _raises(TypeError, "`state`", "dtype float32", "got float16"):
+        cell(jnp.ones(3), (h, c.astype(jnp.float16)))
+
+
+def test_transduce_encoding_must_have_the_parameters_dtype(gru):
+    tokens = jnp.arange(5) % 3
+    with _raises(TypeError, "`encode(inputs)`", "dtype float32", "got float16"):
+        gru.transduce(
+            lambda t: jax.nn.one_hot(t, 3, dtype=jnp.float16),
+            lambda ys, t: ys,
+            tokens,
+            inference=True,
+        )
+
+
+def test_numpy_scalars_are_numbers():
+    stack = stackrnn.LSTM(
+        np.int64(3),
+        np.int32(4),
+        num_layers=np.int64(2),
+        dropout=np.float32(0.25),
+        forget_bias=np.float32(1.0),
+        key=KEY,
+    )
+    assert stack.num_layers == 2 and stack.dropout == 0.25
+    assert type(stack.input_size) is int and type(stack.cells[1].hidden_size) is int
+    assert type(stack.dropout) is float
+    stackrnn.GRU(3, [np.int64(4), 5], num_layers=2, key=KEY)
+    stackrnn.LayerNormGRUCell(3, 4, eps=np.float32(1e-3), key=KEY)
+    stackrnn.NormalInit(np.float32(0.1))
+    stackrnn.OrthogonalInit(gain=np.float64(2.0))
+    with _raises(ValueError, "`dropout`", "number in [0, 1)", "True"):
+        stackrnn.GRU(3, 4, num_layers=2, dropout=np.bool_(True), key=KEY)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda key: stackrnn.GRU(3, 4, key=key),
+        lambda key: stackrnn.LSTM(3, 4, num_layers=2, bidirectional=True, key=key),
+        lambda key: stackrnn.ElmanCell(3, 4, key=key),
+        lambda key: stackrnn.GRUCell(3, 4, key=key),
+        lambda key: stackrnn.LSTMCell(3, 4, key=key),
+        lambda key: stackrnn.LayerNormGRUCell(3, 4, key=key),
+        lambda key: stackrnn.LayerNormLSTMCell(3, 4, key=key),
+    ],
+)
+def test_bad_key(make):
+    for key, got in [(None, "got None"), (0, "got 0"), (jr.split(KEY), "(2,)")]:
+        with _raises(TypeError, "`key`", "JAX PRNG key", got):
+            make(key)
+    make(jr.PRNGKey(0))  # the legacy form is a key too

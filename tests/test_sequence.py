@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 import stackrnn
 
 from .helpers import (
+    Config,
     configs,
     fewer,
     inputs,
@@ -154,18 +155,47 @@ def test_traced_lengths_outside_the_range(getkey):
         assert tree_allclose(stack(xs, state, length=n), everything, **TOL)
 
 
-def test_padding_gets_no_gradient(getkey):
-    stack = stackrnn.LSTM(3, 4, num_layers=2, bidirectional=True, key=getkey())
-    xs = jr.normal(getkey(), (6, 3))
+@fewer()
+@given(
+    kind=st.sampled_from(stackrnn.testing.KINDS),
+    direction=directions,
+    fill=st.sampled_from([np.nan, np.inf, -np.inf, 1e30]),
+    length=st.integers(1, 5),
+    flags=st.lists(st.booleans(), min_size=6, max_size=6),
+    seed=seeds,
+)
+def test_padding_never_reaches_values_or_gradients(
+    kind, direction, fill, length, flags, seed
+):
+    """Whatever the padding holds, the values and the gradients with respect to the
+    parameters, the inputs and the initial state are the truncated sequence's."""
+    cfg = Config(kind=kind, input_size=3, widths=(4, 4), bias=True, time=6)
+    kc, kx, ks = jr.split(jr.key(seed), 3)
+    stack = make_stack(cfg, kc, direction)
+    xs = inputs(cfg, kx).at[length:].set(fill)
+    state = _random_state(stack, ks)
+    resets = jnp.array(flags)
 
-    @jax.grad
-    def grad(xs):
-        ys, (h, c) = stack(xs, length=4)
-        return jnp.sum(ys**2) + jnp.sum(h**2) + jnp.sum(c**2)
+    @eqx.filter_jit
+    @eqx.filter_value_and_grad
+    def loss(args, n, resets):
+        stack, xs, state = args
+        ys, final = stack(xs, state, length=n, resets=resets)
+        return jnp.sum(jnp.sin(ys)) + sum(
+            jnp.sum(jnp.cos(f)) for f in jax.tree.leaves(final)
+        )
 
-    g = grad(xs)
-    assert tree_equal(g[4:], jnp.zeros_like(g[4:]))
-    assert bool(jnp.all(jnp.any(g[:4] != 0, axis=-1)))
+    value, (d_stack, d_xs, d_state) = loss((stack, xs, state), length, resets)
+    want, (want_stack, want_xs, want_state) = loss(
+        (stack, xs[:length], state), None, resets[:length]
+    )
+    finite = jax.tree.leaves((value, d_stack, d_xs, d_state))
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in finite)
+    assert tree_allclose(value, want, **TOL)
+    assert tree_allclose(d_stack, want_stack, **TOL)
+    assert tree_allclose(d_state, want_state, **TOL)
+    assert tree_allclose(d_xs[:length], want_xs, **TOL)
+    assert tree_equal(d_xs[length:], jnp.zeros_like(d_xs[length:]))
 
 
 def _segments(resets):
