@@ -41,7 +41,8 @@ def scan_reference(
     - `unroll`: passed to `jax.lax.scan`. (Keyword only argument.)
     - `length`: a scalar integer, or `None` for `time`. Only the steps `t < length`
       are read; the others leave the state unchanged and output zeros, so reading
-      backwards starts at step `length - 1`. (Keyword only argument.)
+      backwards starts at step `length - 1`. The cell never sees a padded step's
+      input, so no value there reaches the gradients. (Keyword only argument.)
     - `resets`: a boolean array of shape `(time,)`, or `None`. `resets[t]` starts a
       new segment at step `t`: the state returns to `cell.init_state()` before step
       `t` is read (forwards) or after it is read (backwards, i.e. before step `t - 1`),

@@ -287,16 +287,20 @@ class StackedRNN(eqx.Module):
 
         **Arguments:**
 
-        - `xs`: the inputs, a JAX array of shape `(time, input_size)`.
-        - `state`: the initial state, structured as `init_state()`; zeros if omitted.
+        - `xs`: the inputs, a JAX array of shape `(time, input_size)` and the
+          parameters' dtype (inputs are never cast: a `TypeError` otherwise).
+        - `state`: the initial state, structured as `init_state()` (same dtype);
+          zeros if omitted.
         - `length`: this sequence's length, a scalar integer in `[1, time]`, for a
           sequence padded to `time` steps; `None` (default) for `time`. Steps
           `t >= length` leave every state unchanged and output zeros, so the final
           state is the state after step `length - 1`, and the backward direction
           starts at step `length - 1`, not at the padding. Checked when concrete;
           under `jit` or `vmap` (one length per example) it cannot be, and values
-          <= 0 then read no step, values > `time` every step. (Keyword only
-          argument.)
+          <= 0 then read no step, values > `time` every step. The padding is never
+          read (its inputs are replaced by zeros before the cell), so whatever it
+          holds, NaN included, values and gradients are the truncated sequence's.
+          (Keyword only argument.)
         - `resets`: a boolean array of shape `(time,)`: `resets[t]` returns every
           layer's state to `init_state()` before step `t`, so the sequence is read
           as independent segments (RL episodes, packed documents). The backward
