@@ -10,7 +10,7 @@ and temporary buffers (nothing is run for this). Three losses:
   needs: the outputs and their gradient are kept, `O(T)` whatever the stack does;
 - `final`: the square of the final state only: no output sequence is kept, so what
   remains is what the stack's backward pass itself needs;
-- `lm`: a language model's training step, `stackrnn.sequence_loss` of an `RNNLM`
+- `lm`: a language model's training step, `stackrnn.lm.sequence_loss` of an `RNNLM`
   reading token indices (a vocabulary of `--input` tokens, one-hot) with next-token
   targets: with checkpointing, `StackedRNN.transduce` runs the one-hot encoding,
   the readout and the cross-entropy inside each chunk, so only the tokens grow with
@@ -72,13 +72,13 @@ def step_fn(cell, args, setting, loss, time_steps):
     )
     shape = (args.batch, time_steps)
     if loss == "lm":
-        model = stackrnn.RNNLM(stack, args.input, key=k2)
+        model = stackrnn.lm.RNNLM(stack, args.input, key=k2)
         params, static = eqx.partition(model, eqx.is_array)
         tokens = jax.random.randint(k3, (args.batch, time_steps + 1), 0, args.input)
 
         def objective(params, tokens):
             lm = eqx.combine(params, static)
-            losses = jax.vmap(stackrnn.sequence_loss, (None, 0, 0))(
+            losses = jax.vmap(stackrnn.lm.sequence_loss, (None, 0, 0))(
                 lm, tokens[:, :-1], tokens[:, 1:]
             )
             return jnp.mean(losses)

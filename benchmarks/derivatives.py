@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 import stackrnn
 import stackrnn._cells as cells
-from stackrnn._train import _epoch
+from stackrnn.lm._train import _epoch
 
 
 TEXT = pathlib.Path(__file__).parents[2] / "shared" / "data" / "timemachine.txt"
@@ -51,14 +51,14 @@ def workloads(cell, data, key):
     """`name -> (function, arguments)`; each function is a fresh `jit`, so the two
     variants never share a compiled program."""
     k1, k2, k3 = jax.random.split(key, 3)
-    model = stackrnn.RNNLM(MAKE[cell](28, 32, 2, key=k1), 28, key=k2)
+    model = stackrnn.lm.RNNLM(MAKE[cell](28, 32, 2, key=k1), 28, key=k2)
     xs = jax.nn.one_hot(jax.random.randint(k3, (1024, 32), 0, 28), 28)
 
     def stack(rnn, xs):
         loss = lambda r: jnp.sum(jax.vmap(lambda x: r(x)[0])(xs) ** 2)  # noqa: E731
         return eqx.filter_grad(loss)(rnn)
 
-    optimizer = stackrnn.default_optimizer()
+    optimizer = stackrnn.lm.default_optimizer()
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
     def epoch(model, opt_state, data):
@@ -75,8 +75,8 @@ def main():
     parser.add_argument("--cells", nargs="+", default=list(MAKE), choices=MAKE)
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    text = stackrnn.load_text(TEXT)
-    windows = stackrnn.CharData.from_text(text)
+    text = stackrnn.lm.load_text(TEXT)
+    windows = stackrnn.lm.CharData.from_text(text)
     data = tuple(
         jnp.asarray(a)
         for a in (windows.train_x, windows.train_y, windows.val_x, windows.val_y)

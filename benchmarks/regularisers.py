@@ -37,13 +37,13 @@ import jax.numpy as jnp  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
 import stackrnn as _stackrnn  # noqa: E402
-from stackrnn._cli import (  # noqa: E402
+from stackrnn.lm._cli import (  # noqa: E402
     _new_state,
     _parser,
     DEFAULTS,
     main as stackrnn,  # noqa: E402
 )
-from stackrnn._train import _epoch  # noqa: E402
+from stackrnn.lm._train import _epoch  # noqa: E402
 
 
 TEXT = pathlib.Path(__file__).parents[2] / "shared" / "data" / "timemachine.txt"

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import stackrnn
-from stackrnn._train import _epoch
+from stackrnn.lm._train import _epoch
 
 
 TEXT = pathlib.Path(__file__).parents[2] / "shared" / "data" / "timemachine.txt"
@@ -39,14 +39,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     make = {"rnn": stackrnn.RNN, "gru": stackrnn.GRU, "lstm": stackrnn.LSTM}[args.cell]
-    text = stackrnn.load_text(TEXT)
+    text = stackrnn.lm.load_text(TEXT)
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    model = stackrnn.RNNLM(make(28, 32, 2, key=k1), 28, key=k2)
-    optimizer = stackrnn.default_optimizer()
+    model = stackrnn.lm.RNNLM(make(28, 32, 2, key=k1), 28, key=k2)
+    optimizer = stackrnn.lm.default_optimizer()
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
     for label, num_val in (("epoch", 5000), ("epoch, 1 validation window", 1)):
-        data = stackrnn.CharData.from_text(text, num_val=num_val)
+        data = stackrnn.lm.CharData.from_text(text, num_val=num_val)
         arrays = tuple(
             jnp.asarray(a) for a in (data.train_x, data.train_y, data.val_x, data.val_y)
         )

@@ -234,7 +234,7 @@ class StackedRNN(eqx.Module):
         of a 2 x 256 GRU language model: 12.9x slower, see the regularisation
         page). AWD-LSTM instead draws one mask per
         batch: call `drop_weights` outside `jax.vmap` and the returned stack, whose
-        `weight_drop` is 0, inside it. [`stackrnn.fit`][] does so.
+        `weight_drop` is 0, inside it. [`stackrnn.lm.fit`][] does so.
 
         **Arguments:**
 

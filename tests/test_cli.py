@@ -6,9 +6,8 @@ import jax
 import pytest
 
 import stackrnn
-from stackrnn._cli import _new_state, main
-
-from .test_data import TIME_MACHINE
+import stackrnn.lm
+from stackrnn.lm._cli import _new_state, main
 
 
 # A small run: tiny model, few windows, two epochs.
@@ -69,7 +68,9 @@ def test_train_generate_resume(text_file, tmp_path, capsys):
     )
     assert run("train", "--data", text_file, "--out", out, *SMALL) == 2
     assert "already holds a run; pass --resume" in capsys.readouterr().err
-    assert run("train", "--out", out, "--resume", "--data", TIME_MACHINE) == 2
+    other = tmp_path / "other.txt"
+    other.write_text(stackrnn.lm.load_text())
+    assert run("train", "--out", out, "--resume", "--data", other) == 2
     assert "is not the text the checkpoint was trained on" in capsys.readouterr().err
 
 
@@ -116,9 +117,10 @@ def test_bad_data(content, message, tmp_path, capsys):
 
 
 def test_time_machine_from_the_command_line(tmp_path):
-    # The README's command, as a user runs it (one epoch of a narrow model here).
+    # The README's command, as a user runs it (one epoch of a narrow model here), on
+    # the packaged text.
     out = tmp_path / "tm"
-    command = [sys.executable, "-m", "stackrnn", "train", "--data", TIME_MACHINE]
+    command = [sys.executable, "-m", "stackrnn", "train"]
     command += ["--out", out, "--epochs", "1", "--hidden", "8", "--quiet"]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "epoch 1: train ppl" in result.stdout
@@ -127,9 +129,9 @@ def test_time_machine_from_the_command_line(tmp_path):
 
 
 def test_generate_needs_a_train_checkpoint(tmp_path, capsys):
-    vocab = stackrnn.Vocab.from_tokens("ab")
-    history = stackrnn.History()
-    stackrnn.Checkpoint.save(
+    vocab = stackrnn.lm.Vocab.from_tokens("ab")
+    history = stackrnn.lm.History()
+    stackrnn.lm.Checkpoint.save(
         tmp_path, {}, hyperparameters={"note": 1}, vocab=vocab, history=history
     )
     assert run("generate", "--checkpoint", tmp_path) == 2
@@ -186,7 +188,7 @@ def test_regulariser_and_cell_flags(text_file, tmp_path, capsys):
         "--residual", "--layer-norm", "--forget-bias", "1", "--init", "orthogonal",
     ]  # fmt: skip
     assert run("train", "--data", text_file, "--out", out, *SMALL, *flags) == 0
-    saved = stackrnn.Checkpoint.read(out)
+    saved = stackrnn.lm.Checkpoint.read(out)
     hp = saved.hyperparameters
     model, _, _ = _new_state(hp, len(saved.vocab), jax.random.key(0))
     rnn = model.rnn

@@ -1,30 +1,30 @@
+import gzip
 import hashlib
-import pathlib
-import shutil
 
 import numpy as np
-import pooch
 import pytest
-import requests
 from hypothesis import given, strategies as st
 
 import stackrnn
+import stackrnn.lm
 
 
-# The CI clone has shared/ beside the repository.
-TIME_MACHINE = pathlib.Path(__file__).parents[2] / "shared" / "data" / "timemachine.txt"
+# d2l's timemachine.txt, which the package ships.
+SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 
 
 def test_preprocess_is_d2ls():
     # re.sub('[^A-Za-z]+', ' ', text).lower(), worked out by hand.
     text = "The Time--Machine, by H. G. Wells [1898]\n\nI\n"
-    assert stackrnn.preprocess(text) == "the time machine by h g wells i "
+    assert stackrnn.lm.preprocess(text) == "the time machine by h g wells i "
 
 
 def test_vocab_of_a_known_string():
     # "The cat, the HAT." -> "the cat the hat " -> d2l's Vocab: sorted(set(tokens +
     # ['<unk>'])), so " " (0x20) < "<unk>" (0x3C) < letters.
-    vocab = stackrnn.Vocab.from_tokens(list(stackrnn.preprocess("The cat, the HAT.")))
+    vocab = stackrnn.lm.Vocab.from_tokens(
+        list(stackrnn.lm.preprocess("The cat, the HAT."))
+    )
     assert vocab.tokens == (" ", "<unk>", "a", "c", "e", "h", "t")
     assert vocab.unk == 1
     np.testing.assert_array_equal(vocab.encode("hat z"), [5, 2, 6, 0, 1])
@@ -32,7 +32,9 @@ def test_vocab_of_a_known_string():
 
 
 def test_windows_of_a_known_string():
-    data = stackrnn.CharData.from_text("ab cd!ef", num_steps=3, num_train=2, num_val=9)
+    data = stackrnn.lm.CharData.from_text(
+        "ab cd!ef", num_steps=3, num_train=2, num_val=9
+    )
     # Preprocessed: "ab cd ef" (8 tokens): windows of 4 start at 0..4.
     assert data.vocab.tokens == (" ", "<unk>", "a", "b", "c", "d", "e", "f")
     decode = data.vocab.decode
@@ -51,14 +53,14 @@ def test_windows_of_a_known_string():
     num_val=st.integers(1, 10),
 )
 def test_windows_match_d2ls_definition(text, num_steps, num_train, num_val):
-    tokens = list(stackrnn.preprocess(text))
+    tokens = list(stackrnn.lm.preprocess(text))
     if len(tokens) - num_steps < num_train + 1:
         with pytest.raises(ValueError, match="num_train"):
-            stackrnn.CharData.from_text(
+            stackrnn.lm.CharData.from_text(
                 text, num_steps=num_steps, num_train=num_train, num_val=num_val
             )
         return
-    data = stackrnn.CharData.from_text(
+    data = stackrnn.lm.CharData.from_text(
         text, num_steps=num_steps, num_train=num_train, num_val=num_val
     )
     # d2l: array = [corpus[i:i+num_steps+1] for i in range(len(corpus)-num_steps)]
@@ -76,9 +78,8 @@ def test_windows_match_d2ls_definition(text, num_steps, num_train, num_val):
 
 
 def test_time_machine():
-    text = stackrnn.load_text(TIME_MACHINE)
-    assert hashlib.sha1(text.encode()).hexdigest() == stackrnn._data.TIME_MACHINE_SHA1
-    data = stackrnn.CharData.from_text(text)
+    text = stackrnn.lm.load_text()
+    data = stackrnn.lm.CharData.from_text(text)
     assert len(data.vocab) == 28
     assert data.vocab.tokens[:3] == (" ", "<unk>", "a")
     assert data.train_x.shape == data.train_y.shape == (10000, 32)
@@ -88,8 +89,8 @@ def test_time_machine():
 
 
 def test_vocabulary_can_be_given():
-    vocab = stackrnn.Vocab((" ", "<unk>", "a", "b"))
-    data = stackrnn.CharData.from_text(
+    vocab = stackrnn.lm.Vocab((" ", "<unk>", "a", "b"))
+    data = stackrnn.lm.CharData.from_text(
         "abcab ab", num_steps=2, num_train=2, num_val=1, vocab=vocab
     )
     assert data.vocab is vocab
@@ -112,55 +113,36 @@ def test_bad_files(tmp_path, content, match):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
     with pytest.raises(ValueError, match=match):
-        stackrnn.CharData.from_text(
-            stackrnn.load_text(path), num_steps=32, num_train=10, num_val=5
+        stackrnn.lm.CharData.from_text(
+            stackrnn.lm.load_text(path), num_steps=32, num_train=10, num_val=5
         )
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        stackrnn.load_text(tmp_path / "nope.txt")
+        stackrnn.lm.load_text(tmp_path / "nope.txt")
 
 
 def test_bad_vocab():
     with pytest.raises(ValueError, match="<unk>"):
-        stackrnn.Vocab(("a", "b"))
+        stackrnn.lm.Vocab(("a", "b"))
     with pytest.raises(ValueError, match="distinct"):
-        stackrnn.Vocab(("<unk>", "a", "a"))
+        stackrnn.lm.Vocab(("<unk>", "a", "a"))
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """No STACKRNN_DATA, an empty user cache, and any download fails."""
-
-    def fail(*args, **kwargs):
-        raise requests.ConnectionError("network is unreachable (test)")
-
-    monkeypatch.delenv("STACKRNN_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(pooch.HTTPDownloader, "__call__", fail)
-    return tmp_path / "cache" / "stackrnn"
-
-
-def test_source_order(offline, monkeypatch, tmp_path):
+def test_load_text(tmp_path, monkeypatch):
     own = tmp_path / "own.txt"
     own.write_text("my own text")
-    env = tmp_path / "env.txt"
-    env.write_text("from the environment")
-    monkeypatch.setenv("STACKRNN_DATA", str(env))
-    assert stackrnn.load_text(own) == "my own text"
-    assert stackrnn.load_text() == "from the environment"
-    monkeypatch.delenv("STACKRNN_DATA")
-    offline.mkdir(parents=True)
-    shutil.copy(TIME_MACHINE, offline / "timemachine.txt")
-    assert stackrnn.load_text() == TIME_MACHINE.read_text()
+    assert stackrnn.lm.load_text(own) == "my own text"
+    # The packaged copy is d2l's file, byte for byte, read with no network.
+    text = stackrnn.lm.load_text()
+    assert len(text.encode()) == 178979
+    assert hashlib.sha1(text.encode()).hexdigest() == SHA1
 
 
-def test_offline_error_names_the_three_ways(offline):
-    with pytest.raises(FileNotFoundError) as info:
-        stackrnn.load_text()
-    message = str(info.value)
-    assert "network is unreachable (test)" in message
-    assert "--data FILE" in message
-    assert "STACKRNN_DATA" in message
-    assert str(offline / "timemachine.txt") in message
+def test_damaged_packaged_text(tmp_path, monkeypatch):
+    bad = tmp_path / "timemachine.txt.gz"
+    bad.write_bytes(gzip.compress(b"not the book"))
+    monkeypatch.setattr(stackrnn.lm._data, "TIME_MACHINE", bad)
+    with pytest.raises(ValueError, match="damaged.*reinstall"):
+        stackrnn.lm.load_text()

@@ -7,16 +7,17 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import stackrnn
+import stackrnn.lm
 
 
-VOCAB = stackrnn.Vocab.from_tokens(list("abcdefgh "))
+VOCAB = stackrnn.lm.Vocab.from_tokens(list("abcdefgh "))
 
 
 @pytest.fixture(scope="module")
 def model():
     k1, k2 = jax.random.split(jax.random.key(3))
     rnn = stackrnn.GRU(len(VOCAB), 8, 2, key=k1)
-    return stackrnn.RNNLM(rnn, len(VOCAB), key=k2)
+    return stackrnn.lm.RNNLM(rnn, len(VOCAB), key=k2)
 
 
 @eqx.filter_jit
@@ -47,23 +48,23 @@ def rerun_prefix(model, prefix, num, temperature, key):
 def test_streaming_equals_rerunning_the_prefix(model, prefix, temperature, seed):
     key = jax.random.key(seed)
     expected = rerun_prefix(model, prefix, 8, temperature, key)
-    got = stackrnn.predict(model, VOCAB, prefix, 8, temperature=temperature, key=key)
+    got = stackrnn.lm.predict(model, VOCAB, prefix, 8, temperature=temperature, key=key)
     assert got == expected
 
 
 def test_predict_is_prefix_plus_predictions(model):
     # The prefix is preprocessed as the training text; then come 10 tokens (an
     # untrained model may well predict `<unk>`, which d2l's predict prints as is).
-    chars = list(itertools.islice(stackrnn.generate(model, VOCAB, "Bad, ach!"), 10))
+    chars = list(itertools.islice(stackrnn.lm.generate(model, VOCAB, "Bad, ach!"), 10))
     assert len(chars) == 10 and set(chars) <= set(VOCAB.tokens)
-    assert stackrnn.predict(model, VOCAB, "Bad, ach!", 10) == "bad ach " + "".join(
+    assert stackrnn.lm.predict(model, VOCAB, "Bad, ach!", 10) == "bad ach " + "".join(
         chars
     )
 
 
 def test_sampling_is_deterministic_for_a_key(model):
     def sample(seed):
-        return stackrnn.predict(
+        return stackrnn.lm.predict(
             model, VOCAB, "abc", 30, temperature=1.0, key=jax.random.key(seed)
         )
 
@@ -72,25 +73,25 @@ def test_sampling_is_deterministic_for_a_key(model):
 
 
 def test_generate_streams(model):
-    chars = stackrnn.generate(model, VOCAB, "abc")
+    chars = stackrnn.lm.generate(model, VOCAB, "abc")
     first = list(itertools.islice(chars, 5))
     more = list(itertools.islice(chars, 5))
-    assert "".join(first + more) == stackrnn.predict(model, VOCAB, "abc", 10)[3:]
+    assert "".join(first + more) == stackrnn.lm.predict(model, VOCAB, "abc", 10)[3:]
 
 
 def test_greedy_ignores_the_key(model):
-    a = stackrnn.predict(model, VOCAB, "abc", 10, key=jax.random.key(1))
-    b = stackrnn.predict(model, VOCAB, "abc", 10, key=jax.random.key(2))
+    a = stackrnn.lm.predict(model, VOCAB, "abc", 10, key=jax.random.key(1))
+    b = stackrnn.lm.predict(model, VOCAB, "abc", 10, key=jax.random.key(2))
     assert a == b
 
 
 def test_errors(model):
     with pytest.raises(ValueError, match="`temperature` must be a number >= 0"):
-        stackrnn.generate(model, VOCAB, "abc", temperature=-1.0)
+        stackrnn.lm.generate(model, VOCAB, "abc", temperature=-1.0)
     with pytest.raises(ValueError, match="needs a `key`"):
-        stackrnn.generate(model, VOCAB, "abc", temperature=0.5)
+        stackrnn.lm.generate(model, VOCAB, "abc", temperature=0.5)
     with pytest.raises(ValueError, match="`prefix` must contain at least one letter"):
-        stackrnn.predict(model, VOCAB, "!?", 3)
+        stackrnn.lm.predict(model, VOCAB, "!?", 3)
     with pytest.raises(ValueError, match="`num_preds`"):
-        stackrnn.predict(model, VOCAB, "abc", -1)
-    assert stackrnn.predict(model, VOCAB, "abc", 0) == "abc"
+        stackrnn.lm.predict(model, VOCAB, "abc", -1)
+    assert stackrnn.lm.predict(model, VOCAB, "abc", 0) == "abc"

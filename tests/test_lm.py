@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import stackrnn
+import stackrnn.lm
 
 from .helpers import tree_allclose
 
@@ -16,7 +17,7 @@ CONSTRUCTORS = {"rnn": stackrnn.RNN, "gru": stackrnn.GRU, "lstm": stackrnn.LSTM}
 def make_lm(cell, vocab_size, hidden, layers, key, *, embedding=0):
     k1, k2 = jax.random.split(key)
     rnn = CONSTRUCTORS[cell](embedding or vocab_size, hidden, layers, key=k1)
-    return stackrnn.RNNLM(rnn, vocab_size, embedding=embedding > 0, key=k2)
+    return stackrnn.lm.RNNLM(rnn, vocab_size, embedding=embedding > 0, key=k2)
 
 
 @settings(max_examples=6)
@@ -64,28 +65,28 @@ def test_uniform_model_has_perplexity_vocab_size(getkey):
     model = make_lm("rnn", 7, 3, 2, getkey())
     model = eqx.tree_at(lambda m: (m.weight, m.bias), model, replace_fn=jnp.zeros_like)
     tokens = jnp.array([1, 2, 3, 0])
-    loss = stackrnn.sequence_loss(model, tokens, jnp.array([2, 3, 0, 6]))
+    loss = stackrnn.lm.sequence_loss(model, tokens, jnp.array([2, 3, 0, 6]))
     np.testing.assert_allclose(np.exp(loss), 7.0, rtol=1e-6)
 
 
 def test_readout_init(getkey):
     k1, k2 = getkey(), getkey()
     rnn = stackrnn.RNN(10, 16, 2, init=stackrnn.NormalInit(0.01), key=k1)
-    model = stackrnn.RNNLM(rnn, 10, init=stackrnn.NormalInit(0.01), key=k2)
+    model = stackrnn.lm.RNNLM(rnn, 10, init=stackrnn.NormalInit(0.01), key=k2)
     assert model.weight.shape == (10, 16)
     assert np.all(model.bias == 0)
     assert 0.005 < float(jnp.std(model.weight)) < 0.015
-    model = stackrnn.RNNLM(rnn, 10, key=k2)
+    model = stackrnn.lm.RNNLM(rnn, 10, key=k2)
     assert float(jnp.max(jnp.abs(model.weight))) <= 1 / 4  # U(-1/sqrt(16), ..)
 
 
 def test_errors(getkey):
     rnn = stackrnn.GRU(5, 4, key=getkey())
     with pytest.raises(ValueError, match=r"`rnn.input_size` \(=5\) must equal"):
-        stackrnn.RNNLM(rnn, 6, key=getkey())
+        stackrnn.lm.RNNLM(rnn, 6, key=getkey())
     with pytest.raises(TypeError, match="`rnn` must be a StackedRNN"):
-        stackrnn.RNNLM(rnn.cells[0], 5, key=getkey())
-    model = stackrnn.RNNLM(rnn, 5, key=getkey())
+        stackrnn.lm.RNNLM(rnn.cells[0], 5, key=getkey())
+    model = stackrnn.lm.RNNLM(rnn, 5, key=getkey())
     with pytest.raises(TypeError, match="`tokens` must be an integer array"):
         model(jnp.zeros((3,)))
     with pytest.raises(ValueError, match=r"jax.vmap\(model\)"):

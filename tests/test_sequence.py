@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import stackrnn
+import stackrnn.lm
 
 from .helpers import (
     Config,
@@ -469,9 +470,9 @@ def test_unroll_reaches_every_scan_and_keeps_results(
 def test_language_model_refuses_stacks_that_read_the_future(getkey):
     bidi = stackrnn.GRU(5, 4, num_layers=2, bidirectional=True, key=getkey())
     with pytest.raises(ValueError, match="`rnn` must read time forwards.*bidirect"):
-        stackrnn.RNNLM(bidi, 5, key=getkey())
+        stackrnn.lm.RNNLM(bidi, 5, key=getkey())
     backwards = stackrnn.StackedRNN(
         stackrnn.GRU(5, 4, key=getkey()).cells, reverse=True
     )
     with pytest.raises(ValueError, match="`rnn` must read time forwards.*reverse"):
-        stackrnn.RNNLM(backwards, 5, key=getkey())
+        stackrnn.lm.RNNLM(backwards, 5, key=getkey())

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import stackrnn
-from stackrnn._train import _batches, _epoch, _loss_sum, _window_keys
+import stackrnn.lm
+from stackrnn.lm._train import _batches, _epoch, _loss_sum, _window_keys
 
 from .helpers import tree_allclose, tree_equal
 
@@ -21,13 +22,13 @@ TEXT = "the time traveller for so it will be convenient to speak of him " * 4
 
 @pytest.fixture(scope="module")
 def data():
-    return stackrnn.CharData.from_text(TEXT, num_steps=8, num_train=150, num_val=40)
+    return stackrnn.lm.CharData.from_text(TEXT, num_steps=8, num_train=150, num_val=40)
 
 
 def tiny_model(data, key, cell=stackrnn.GRU):
     k1, k2 = jax.random.split(key)
     rnn = cell(len(data.vocab), 16, 2, key=k1)
-    return stackrnn.RNNLM(rnn, len(data.vocab), key=k2)
+    return stackrnn.lm.RNNLM(rnn, len(data.vocab), key=k2)
 
 
 @given(n=st.integers(1, 40), batch_size=st.integers(1, 16), multiple=st.integers(1, 3))
@@ -66,7 +67,7 @@ def test_padded_batch_is_the_mean_over_real_windows(data, getkey):
         return batch_loss(m, x[idx[0]], y[idx[0]], mask[0], key, True)
 
     def unpadded(m):
-        return jnp.mean(jax.vmap(lambda a, b: stackrnn.sequence_loss(m, a, b))(x, y))
+        return jnp.mean(jax.vmap(lambda a, b: stackrnn.lm.sequence_loss(m, a, b))(x, y))
 
     loss, grads = eqx.filter_jit(eqx.filter_value_and_grad(padded))(model)
     ref_loss, ref_grads = eqx.filter_jit(eqx.filter_value_and_grad(unpadded))(model)
@@ -81,7 +82,7 @@ def test_compiled_epoch_equals_a_python_loop_over_batches(data, batch_size, seed
     # The reference: d2l's loop, one step per batch of the shuffled windows, the last
     # batch short; then the mean loss over all validation windows.
     model = tiny_model(data, jax.random.key(seed))
-    optimizer = stackrnn.default_optimizer(1.0, 1.0)
+    optimizer = stackrnn.lm.default_optimizer(1.0, 1.0)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     key = jax.random.key(seed + 1)
     arrays = tuple(
@@ -91,7 +92,7 @@ def test_compiled_epoch_equals_a_python_loop_over_batches(data, batch_size, seed
 
     def mean_loss(model, x, y):
         return jnp.mean(
-            jax.vmap(lambda a, b: stackrnn.sequence_loss(model, a, b))(x, y)
+            jax.vmap(lambda a, b: stackrnn.lm.sequence_loss(model, a, b))(x, y)
         )
 
     @eqx.filter_jit
@@ -119,7 +120,7 @@ def test_compiled_epoch_equals_a_python_loop_over_batches(data, batch_size, seed
 
 def test_loss_decreases(data, getkey):
     model = tiny_model(data, getkey())
-    _, _, history = stackrnn.fit(
+    _, _, history = stackrnn.lm.fit(
         model, data, epochs=12, key=getkey(), batch_size=32, progress=False
     )
     assert len(history) == 12
@@ -133,10 +134,10 @@ def test_resume_is_bit_exact(data, getkey, tmp_path):
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5, 0.9))
     model, key = tiny_model(data, getkey(), cell=stackrnn.LSTM), getkey()
     kwargs = dict(key=key, optimizer=optimizer, batch_size=64, progress=False)
-    full = stackrnn.fit(model, data, epochs=4, **kwargs)
+    full = stackrnn.lm.fit(model, data, epochs=4, **kwargs)
 
     def save(model, opt_state, history):
-        stackrnn.Checkpoint.save(
+        stackrnn.lm.Checkpoint.save(
             tmp_path,
             (model, opt_state),
             hyperparameters={"note": "test"},
@@ -144,13 +145,13 @@ def test_resume_is_bit_exact(data, getkey, tmp_path):
             history=history,
         )
 
-    stackrnn.fit(model, data, epochs=2, on_epoch=save, **kwargs)
-    saved = stackrnn.Checkpoint.read(tmp_path)
+    stackrnn.lm.fit(model, data, epochs=2, on_epoch=save, **kwargs)
+    saved = stackrnn.lm.Checkpoint.read(tmp_path)
     assert saved.hyperparameters == {"note": "test"}
     assert saved.vocab == data.vocab and len(saved.history) == 2
     like = (model, optimizer.init(eqx.filter(model, eqx.is_inexact_array)))
     resumed_model, resumed_state = saved.load(like)
-    resumed = stackrnn.fit(
+    resumed = stackrnn.lm.fit(
         resumed_model,
         data,
         epochs=4,
@@ -168,10 +169,12 @@ def test_resume_is_bit_exact(data, getkey, tmp_path):
 
 def test_checkpoint_files(data, getkey, tmp_path):
     model = tiny_model(data, getkey())
-    history = stackrnn.History([9.0], [10.0], [0.5])
+    history = stackrnn.lm.History([9.0], [10.0], [0.5])
     for epochs in (1, 2):
-        history = stackrnn.History(*(f * epochs for f in dataclasses.astuple(history)))
-        stackrnn.Checkpoint.save(
+        history = stackrnn.lm.History(
+            *(f * epochs for f in dataclasses.astuple(history))
+        )
+        stackrnn.lm.Checkpoint.save(
             tmp_path / "run",
             model,
             hyperparameters={},
@@ -183,32 +186,32 @@ def test_checkpoint_files(data, getkey, tmp_path):
         "checkpoint.json",
         "state-000002.eqx",
     ]
-    saved = stackrnn.Checkpoint.read(tmp_path / "run")
+    saved = stackrnn.lm.Checkpoint.read(tmp_path / "run")
     assert saved.history == history
     assert tree_equal(
         eqx.filter(saved.load(tiny_model(data, getkey())), eqx.is_array),
         eqx.filter(model, eqx.is_array),
     )
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        stackrnn.Checkpoint.read(tmp_path)
+        stackrnn.lm.Checkpoint.read(tmp_path)
 
 
 def test_plot(tmp_path):
-    history = stackrnn.History([20.0, 10.0, 8.0], [21.0, 12.0, 9.0], [1.0, 0.2, 0.2])
-    stackrnn.plot_history(history, tmp_path / "curves.png")
+    history = stackrnn.lm.History([20.0, 10.0, 8.0], [21.0, 12.0, 9.0], [1.0, 0.2, 0.2])
+    stackrnn.lm.plot_history(history, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_arguments(data, getkey):
     with pytest.raises(ValueError, match="`learning_rate` must be a number > 0"):
-        stackrnn.default_optimizer(0)
+        stackrnn.lm.default_optimizer(0)
     with pytest.raises(ValueError, match="`clip` must be a number > 0"):
-        stackrnn.default_optimizer(2.0, -1.0)
+        stackrnn.lm.default_optimizer(2.0, -1.0)
     with pytest.raises(ValueError, match="`method` must be 'sgd' or 'adam', got 'sdg'"):
-        stackrnn.default_optimizer(method="sdg")
+        stackrnn.lm.default_optimizer(method="sdg")
     model = tiny_model(data, getkey())
     with pytest.raises(ValueError, match="`batch_size` must be an integer >= 1"):
-        stackrnn.fit(model, data, epochs=1, key=getkey(), batch_size=0)
+        stackrnn.lm.fit(model, data, epochs=1, key=getkey(), batch_size=0)
 
 
 # Run in a fresh interpreter: the device count is fixed when JAX starts.
@@ -216,18 +219,18 @@ _DATA_PARALLEL = """
 import os
 os.environ["JAX_NUM_CPU_DEVICES"] = "4"
 import equinox as eqx, jax, numpy as np, stackrnn
-from stackrnn._train import _epoch, _mesh
+from stackrnn.lm._train import _epoch, _mesh
 
 assert jax.device_count() == 4
 text = "the time traveller for so it will be convenient to speak of him " * 4
-data = stackrnn.CharData.from_text(text, num_steps=8, num_train=150, num_val=40)
+data = stackrnn.lm.CharData.from_text(text, num_steps=8, num_train=150, num_val=40)
 k1, k2 = jax.random.split(jax.random.key(0))
 rnn = stackrnn.GRU(len(data.vocab), 16, 2, dropout=0.3, key=k1)
-model = stackrnn.RNNLM(rnn, len(data.vocab), key=k2)
+model = stackrnn.lm.RNNLM(rnn, len(data.vocab), key=k2)
 # 30 windows a batch: padded to 32 with masked windows, 8 a device.
 for batch_size in (30,):
     one, four = (
-        stackrnn.fit(model, data, epochs=2, key=jax.random.key(1),
+        stackrnn.lm.fit(model, data, epochs=2, key=jax.random.key(1),
                      batch_size=batch_size, progress=False, devices=d)
         for d in (1, 4)
     )
@@ -243,7 +246,7 @@ for batch_size in (30,):
 # The batch is split, not copied: the compiled epoch sums gradients across devices.
 arrays = tuple(jax.numpy.asarray(a) for a in (data.train_x, data.train_y,
                data.val_x, data.val_y))
-opt = stackrnn.default_optimizer()
+opt = stackrnn.lm.default_optimizer()
 state = opt.init(eqx.filter(model, eqx.is_inexact_array))
 lowered = _epoch.lower(model, state, arrays, k1, opt, 30, _mesh(4))
 assert "all-reduce" in lowered.compile().compiled.as_text()
@@ -262,12 +265,12 @@ def test_data_parallel_equals_one_device():
 def test_bad_devices(data, getkey):
     model = tiny_model(data, getkey())
     with pytest.raises(ValueError, match="`devices` must be an integer >= 1"):
-        stackrnn.fit(model, data, epochs=1, key=getkey(), devices=0)
+        stackrnn.lm.fit(model, data, epochs=1, key=getkey(), devices=0)
     with pytest.raises(ValueError, match=r"`devices` \(=99\) must be at most"):
-        stackrnn.fit(model, data, epochs=1, key=getkey(), devices=99)
+        stackrnn.lm.fit(model, data, epochs=1, key=getkey(), devices=99)
     # The suite runs on the CPU, as one device: the error says how to split it.
     with pytest.raises(ValueError, match="JAX_NUM_CPU_DEVICES=2 before JAX starts"):
-        stackrnn.fit(model, data, epochs=1, key=getkey(), devices=2)
+        stackrnn.lm.fit(model, data, epochs=1, key=getkey(), devices=2)
 
 
 def test_weight_drop_is_one_mask_per_batch(data, getkey):
@@ -276,7 +279,7 @@ def test_weight_drop_is_one_mask_per_batch(data, getkey):
     masked weights. (With a mask per window, the copies' losses would differ.)"""
     k1, k2 = jax.random.split(getkey())
     rnn = stackrnn.GRU(len(data.vocab), 16, 2, weight_drop=0.5, key=k1)
-    model = stackrnn.RNNLM(rnn, len(data.vocab), key=k2)
+    model = stackrnn.lm.RNNLM(rnn, len(data.vocab), key=k2)
     x, y = data.train_x[:1], data.train_y[:1]
     xs, ys = jnp.repeat(x, 8, axis=0), jnp.repeat(y, 8, axis=0)
     key = getkey()

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import stackrnn
+import stackrnn.lm
 
 from .helpers import (
     configs,
@@ -102,7 +103,7 @@ def test_transduce_equals_decode_of_call(cfg, direction, checkpoint, regularised
 def _lm(checkpoint, *, vocab, key, hidden=32):
     k1, k2 = jr.split(key)
     rnn = stackrnn.GRU(vocab, hidden, 2, checkpoint=checkpoint, key=k1)
-    return stackrnn.RNNLM(rnn, vocab, key=k2)
+    return stackrnn.lm.RNNLM(rnn, vocab, key=k2)
 
 
 def _step_bytes(model, time, loss):
@@ -141,10 +142,10 @@ def test_streamed_loss_memory_does_not_grow_with_the_sequence(getkey):
     streamed, logits, plain = [], [], []
     for time in (256, 4096):
         model = _lm((round(time ** (2 / 3)), round(time ** (1 / 3))), vocab=32, key=key)
-        streamed.append(_step_bytes(model, time, stackrnn.sequence_loss))
+        streamed.append(_step_bytes(model, time, stackrnn.lm.sequence_loss))
         logits.append(_step_bytes(model, time, _logits_loss))
         model = _lm(False, vocab=32, key=key)
-        plain.append(_step_bytes(model, time, stackrnn.sequence_loss))
+        plain.append(_step_bytes(model, time, stackrnn.lm.sequence_loss))
     assert streamed[1] / streamed[0] < 1.5
     assert logits[1] / logits[0] > 3
     assert plain[1] / plain[0] > 10
@@ -160,7 +161,7 @@ def test_sequence_loss_streams_the_same_loss(checkpoint, getkey):
         )
         tokens = jr.randint(getkey(), (11,), 0, 5)
         targets = jr.randint(getkey(), (11,), 0, 5)
-        f = eqx.filter_jit(eqx.filter_value_and_grad(stackrnn.sequence_loss))
+        f = eqx.filter_jit(eqx.filter_value_and_grad(stackrnn.lm.sequence_loss))
         # Leaves only: the two models differ in a static field.
         got = jax.tree.leaves(f(streamed, tokens, targets))
         want = jax.tree.leaves(f(plain, tokens, targets))
@@ -184,8 +185,8 @@ def test_bad_arguments(getkey):
         stack.transduce(encode, lambda ys, _: ys.sum(), tokens)
     with pytest.raises(ValueError, match="`state` must"):
         stack.transduce(encode, decode, tokens, jnp.zeros((3, 4)))
-    model = stackrnn.RNNLM(stack, 3, key=getkey())
+    model = stackrnn.lm.RNNLM(stack, 3, key=getkey())
     with pytest.raises(ValueError, match=r"`targets` must have the shape of"):
-        stackrnn.sequence_loss(model, tokens, tokens[:4])
+        stackrnn.lm.sequence_loss(model, tokens, tokens[:4])
     with pytest.raises(TypeError, match="`targets` must be an integer array"):
-        stackrnn.sequence_loss(model, tokens, jnp.zeros(5))
+        stackrnn.lm.sequence_loss(model, tokens, jnp.zeros(5))

@@ -7,11 +7,11 @@ import statistics
 import equinox as eqx
 import jax
 
+from .._constructors import GRU, LSTM, RNN
+from .._init import NormalInit, OrthogonalInit, PyTorchInit
 from ._checkpoint import Checkpoint
-from ._constructors import GRU, LSTM, RNN
 from ._data import CharData, load_text
 from ._generate import generate
-from ._init import NormalInit, OrthogonalInit, PyTorchInit
 from ._lm import RNNLM
 from ._train import default_optimizer, fit, plot_history
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
-from ._checks import check_size
+from .._checks import check_size
 from ._data import preprocess, Vocab
 from ._lm import RNNLM
 
@@ -92,7 +92,7 @@ def predict(
     key: PRNGKeyArray | None = None,
 ) -> str:
     """d2l's `predict(prefix, num_preds)`: the (preprocessed) prefix followed by
-    `num_preds` generated characters. Arguments as [`stackrnn.generate`][]."""
+    `num_preds` generated characters. Arguments as [`stackrnn.lm.generate`][]."""
     check_size("num_preds", num_preds, minimum=0)
     text = _check(vocab, prefix, temperature, key)
     chars = generate(model, vocab, prefix, temperature=temperature, key=key)

@@ -46,8 +46,8 @@ class Checkpoint:
 
     - `directory`: the checkpoint directory.
     - `hyperparameters`: a JSON-compatible dict, as given to `save`.
-    - `vocab`: the run's [`stackrnn.Vocab`][].
-    - `history`: the run's [`stackrnn.History`][] up to the saved epoch.
+    - `vocab`: the run's [`stackrnn.lm.Vocab`][].
+    - `history`: the run's [`stackrnn.lm.History`][] up to the saved epoch.
     - `state_file`: the name of the file holding the arrays.
     """
 

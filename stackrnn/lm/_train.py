@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
-from ._checks import check_size
+from .._checks import check_size
 from ._data import CharData
 from ._lm import RNNLM, sequence_loss
 
@@ -257,7 +257,7 @@ def fit(
       (Keyword only argument.)
     - `key`: the run's `jax.random.PRNGKey`, for shuffling and dropout.
       (Keyword only argument.)
-    - `optimizer`: any optax optimiser; default [`stackrnn.default_optimizer`][]`()`.
+    - `optimizer`: any optax optimiser; default [`stackrnn.lm.default_optimizer`][]`()`.
       (Keyword only argument.)
     - `batch_size`: windows per step. (Keyword only argument.)
     - `opt_state`: the optimiser state to continue from; `optimizer.init` of the

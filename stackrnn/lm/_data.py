@@ -8,6 +8,8 @@ first `num_train` windows train, the next `num_val` validate.
 """
 
 import dataclasses
+import gzip
+import hashlib
 import os
 import pathlib
 import re
@@ -15,10 +17,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._checks import check_size
+from .._checks import check_size
 
 
-TIME_MACHINE_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
+TIME_MACHINE = pathlib.Path(__file__).with_name("timemachine.txt.gz")
 TIME_MACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 UNK = "<unk>"
 
@@ -98,9 +100,10 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def load_text(path: str | os.PathLike | None = None) -> str:
-    """The training text. Where it comes from, in order: `path`, the environment
-    variable `STACKRNN_DATA`, a copy in the user cache, else a download of d2l's
-    `timemachine.txt` (The Time Machine) into that cache, checked by its SHA-1.
+    """The training text: the file at `path`, or The Time Machine.
+
+    The Time Machine (H. G. Wells, public domain; d2l's `timemachine.txt`) ships with
+    the package, so the main job runs offline; its SHA-1 is checked on every read.
 
     **Arguments:**
 
@@ -108,39 +111,17 @@ def load_text(path: str | os.PathLike | None = None) -> str:
 
     **Returns:**
 
-    The file's text, unprocessed.
+    The text, unprocessed.
     """
-    return read_text(_locate(path))
-
-
-def _locate(path) -> pathlib.Path:
     if path is not None:
-        return pathlib.Path(path)
-    if os.environ.get("STACKRNN_DATA"):
-        return pathlib.Path(os.environ["STACKRNN_DATA"])
-    # Imported here: pooch and requests load only when the cache may be needed.
-    import pooch
-
-    cache = pooch.os_cache("stackrnn")
-    try:
-        # pooch uses the cached copy when its hash matches, else downloads it.
-        return pathlib.Path(
-            pooch.retrieve(
-                TIME_MACHINE_URL,
-                known_hash=f"sha1:{TIME_MACHINE_SHA1}",
-                fname="timemachine.txt",
-                path=cache,
-                progressbar=False,
-            )
+        return read_text(path)
+    raw = gzip.decompress(TIME_MACHINE.read_bytes())
+    if hashlib.sha1(raw).hexdigest() != TIME_MACHINE_SHA1:
+        raise ValueError(
+            f"the packaged {TIME_MACHINE.name!r} is damaged (SHA-1 mismatch); "
+            "reinstall stackrnn"
         )
-    except OSError as e:  # requests' errors are OSErrors
-        raise FileNotFoundError(
-            "could not download The Time Machine "
-            f"({type(e).__name__}: {e}). Supply the text in one of three ways: "
-            "pass a file (`--data FILE` or `path=`), set the environment variable "
-            f"STACKRNN_DATA=FILE, or put d2l's timemachine.txt (SHA-1 "
-            f"{TIME_MACHINE_SHA1}) at {str(pathlib.Path(cache) / 'timemachine.txt')!r}"
-        ) from None
+    return raw.decode("utf-8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +132,7 @@ class CharData:
     and `train_y[i]` the same window shifted by one; the validation windows start at
     positions `num_train, ..., num_train + num_val - 1`.
 
-    **Fields:** `vocab` (a [`stackrnn.Vocab`][]), `train_x`, `train_y`, `val_x`,
+    **Fields:** `vocab` (a [`stackrnn.lm.Vocab`][]), `train_x`, `train_y`, `val_x`,
     `val_y` (int32 NumPy arrays of shape `(windows, num_steps)`).
     """
 
@@ -180,7 +161,7 @@ class CharData:
 
         **Arguments:**
 
-        - `text`: the raw text; it is preprocessed with [`stackrnn.preprocess`][].
+        - `text`: the raw text; it is preprocessed with [`stackrnn.lm.preprocess`][].
         - `num_steps`: tokens per window. (Keyword only argument.)
         - `num_train`: number of training windows. (Keyword only argument.)
         - `num_val`: at most this many validation windows follow the training ones;

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._checks import check_size
-from ._init import Initializer, PyTorchInit
-from ._stack import StackedRNN, StackState
+from .._checks import check_size
+from .._init import Initializer, PyTorchInit
+from .._stack import StackedRNN, StackState
 
 
 class RNNLM(eqx.Module):
@@ -38,7 +38,7 @@ class RNNLM(eqx.Module):
 
         k1, k2 = jax.random.split(jax.random.key(0))
         rnn = stackrnn.GRU(28, 32, num_layers=2, key=k1)
-        model = stackrnn.RNNLM(rnn, 28, key=k2)
+        model = stackrnn.lm.RNNLM(rnn, 28, key=k2)
         logits, state = model(jax.numpy.array([3, 1, 4]))  # logits: (3, 28)
         ```
     """
