@@ -2,6 +2,7 @@
 
 import argparse
 import hashlib
+import math
 import statistics
 
 import equinox as eqx
@@ -72,14 +73,16 @@ def _count(minimum):
     return parse
 
 
-def _number(minimum, *, inclusive=True, below=None):
+def _number(minimum=None, *, inclusive=True, below=None):
     def parse(text):
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-        low = value >= minimum if inclusive else value > minimum
-        if not low or (below is not None and value >= below) or value != value:
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+        low = minimum is None or (value >= minimum if inclusive else value > minimum)
+        if not low or (below is not None and value >= below):
             bound = f"{'>=' if inclusive else '>'} {minimum}"
             if below is not None:
                 bound += f" and < {below}"
@@ -139,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--layer-norm", action="store_true", help="layer-normalised gru/lstm cells")
     add(
         "--forget-bias",
-        type=_number(float("-inf")),
+        type=_number(),
         help="lstm: the forget gate's starting bias (the init's draw)",
     )
     add("--optimizer", choices=("sgd", "adam"), help="after gradient clipping (sgd)")
@@ -274,7 +277,10 @@ def _train(args: dict) -> None:
     if resume:
         model, opt_state = saved.load((model, opt_state))
 
+    start = saved_epochs = 0 if history is None else len(history)
+
     def save(model, opt_state, history):
+        nonlocal saved_epochs
         Checkpoint.save(
             out,
             (model, opt_state),
@@ -282,21 +288,31 @@ def _train(args: dict) -> None:
             vocab=data.vocab,
             history=history,
         )
+        saved_epochs = len(history)
 
-    start = 0 if history is None else len(history)
-    model, opt_state, history = fit(
-        model,
-        data,
-        epochs=hp["epochs"],
-        key=train_key,
-        optimizer=optimizer,
-        batch_size=hp["batch_size"],
-        opt_state=opt_state,
-        history=history,
-        on_epoch=save,
-        progress=not quiet,
-        devices=devices,
-    )
+    try:
+        model, opt_state, history = fit(
+            model,
+            data,
+            epochs=hp["epochs"],
+            key=train_key,
+            optimizer=optimizer,
+            batch_size=hp["batch_size"],
+            opt_state=opt_state,
+            history=history,
+            on_epoch=save,
+            progress=not quiet,
+            devices=devices,
+        )
+    except FloatingPointError as e:
+        if saved_epochs:
+            kept = (
+                f"{out!r} keeps epoch {saved_epochs}, the last finite one, which "
+                "`--resume` continues"
+            )
+        else:
+            kept = f"nothing was saved in {out!r}"
+        raise FloatingPointError(f"{e}; {kept}") from None
     if len(history) == start:
         print(f"the run in {out!r} already has {start} epochs; raise --epochs")
         return
@@ -343,3 +359,5 @@ def main(argv: list[str] | None = None) -> None:
             _generate(args)
     except (ValueError, OSError) as e:
         parser.exit(2, f"stackrnn {command}: error: {e}\n")
+    except FloatingPointError as e:  # the run diverged: not the user's input
+        parser.exit(1, f"stackrnn {command}: error: {e}\n")

@@ -1,8 +1,11 @@
 import json
+import math
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import optax
 import pytest
 
 import stackrnn
@@ -73,6 +76,34 @@ def test_train_generate_resume(text_file, tmp_path, capsys):
     assert "is not the text the checkpoint was trained on" in capsys.readouterr().err
 
 
+def test_divergence_keeps_the_last_finite_epoch(
+    text_file, tmp_path, capsys, monkeypatch
+):
+    # Updates turn NaN from the 9th step on: 4 steps an epoch (200 windows in
+    # batches of 64), so epoch 3 diverges.
+    def poisoned(*args, **kwargs):
+        poison = optax.scale_by_schedule(lambda n: jnp.where(n >= 8, jnp.nan, 1.0))
+        return optax.chain(stackrnn.default_optimizer(*args, **kwargs), poison)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr("stackrnn._cli.default_optimizer", poisoned)
+        argv = ["train", "--data", text_file, "--out", out, *SMALL, "--epochs", "4"]
+        assert run(*argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "diverged in epoch 3" in err
+    assert f"{str(out)!r} keeps epoch 2, the last finite one" in err
+    assert {p.name for p in out.iterdir()} == {"checkpoint.json", "state-000002.eqx"}
+    before = json.loads((out / "checkpoint.json").read_text())["history"]
+    assert len(before["train_ppl"]) == 2
+    # Resumed without the poison, the run continues from epoch 2.
+    assert run("train", "--out", out, "--resume", "--epochs", "3", "--quiet") == 0
+    after = json.loads((out / "checkpoint.json").read_text())["history"]
+    assert after["train_ppl"][:2] == before["train_ppl"]
+    assert all(math.isfinite(p) for p in after["train_ppl"] + after["val_ppl"])
+    assert len(after["train_ppl"]) == 3
+
+
 def test_rnn_uses_d2ls_init(text_file, tmp_path):
     out = tmp_path / "rnn"
     assert run("train", "--data", text_file, "--out", out, "--cell", "rnn", *SMALL) == 0
@@ -87,6 +118,17 @@ def test_rnn_uses_d2ls_init(text_file, tmp_path):
         (["train", "--layers", "0"], "--layers: expected an integer >= 1, got 0"),
         (["train", "--hidden", "3.5"], "--hidden: expected an integer, got '3.5'"),
         (["train", "--dropout", "1"], "--dropout: expected a number >= 0 and < 1"),
+        (["train", "--lr", "inf"], "--lr: expected a finite number, got inf"),
+        (["train", "--lr", "nan"], "--lr: expected a finite number, got nan"),
+        (["train", "--clip", "inf"], "--clip: expected a finite number, got inf"),
+        (
+            ["train", "--forget-bias=-inf"],
+            "--forget-bias: expected a finite number, got -inf",
+        ),
+        (
+            ["generate", "--checkpoint", "x", "--temperature", "inf"],
+            "--temperature: expected a finite number, got inf",
+        ),
         (["train", "--cell", "tcn"], "--cell: invalid choice: 'tcn'"),
         (["train", "--nope"], "unrecognized arguments: --nope"),
         (["generate"], "the following arguments are required: --checkpoint"),

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import subprocess
 import sys
 
@@ -193,6 +194,45 @@ def test_checkpoint_files(data, getkey, tmp_path):
         stackrnn.Checkpoint.read(tmp_path)
 
 
+def test_divergence_stops_at_the_last_finite_epoch(data, getkey):
+    # Updates turn NaN from the 7th step on: 3 steps an epoch (64 + 64 + 22
+    # windows), so epoch 3 diverges.
+    poison = optax.scale_by_schedule(lambda step: jnp.where(step >= 6, jnp.nan, 1.0))
+    optimizer = optax.chain(stackrnn.default_optimizer(0.5), poison)
+    seen = []
+
+    def on_epoch(model, opt_state, history):
+        leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+        seen.append((len(history), all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)))
+
+    model = tiny_model(data, getkey())
+    kwargs = dict(key=getkey(), optimizer=optimizer, batch_size=64, progress=False)
+    with pytest.raises(
+        FloatingPointError, match="diverged in epoch 3: the perplexities are not"
+    ):
+        stackrnn.fit(model, data, epochs=5, on_epoch=on_epoch, **kwargs)
+    assert seen == [(1, True), (2, True)]
+    # Unchecked, the run goes on and records the non-finite perplexities.
+    _, _, history = stackrnn.fit(model, data, epochs=4, check_finite=False, **kwargs)
+    assert all(math.isfinite(p) for p in history.train_ppl[:2])
+    assert not any(math.isfinite(p) for p in history.val_ppl[2:])
+
+
+def test_infinite_perplexity_of_a_finite_loss(data, getkey):
+    # Readout weights of 1e4 give losses of thousands of nats: finite, but exp()
+    # overflows. That is divergence too; unchecked, the perplexity is inf, without
+    # a RuntimeWarning (an error here).
+    model = tiny_model(data, getkey())
+    model = eqx.tree_at(lambda m: m.weight, model, model.weight * 1e4)
+    kwargs = dict(key=getkey(), optimizer=optax.sgd(0.0), progress=False)
+    with pytest.raises(
+        FloatingPointError, match="diverged in epoch 1: the perplexities are not"
+    ):
+        stackrnn.fit(model, data, epochs=1, **kwargs)
+    _, _, history = stackrnn.fit(model, data, epochs=1, check_finite=False, **kwargs)
+    assert history.train_ppl == [math.inf] and history.val_ppl == [math.inf]
+
+
 def test_plot(tmp_path):
     history = stackrnn.History([20.0, 10.0, 8.0], [21.0, 12.0, 9.0], [1.0, 0.2, 0.2])
     stackrnn.plot_history(history, tmp_path / "curves.png")
@@ -200,10 +240,15 @@ def test_plot(tmp_path):
 
 
 def test_bad_arguments(data, getkey):
-    with pytest.raises(ValueError, match="`learning_rate` must be a number > 0"):
+    with pytest.raises(ValueError, match="`learning_rate` must be a finite number > 0"):
         stackrnn.default_optimizer(0)
-    with pytest.raises(ValueError, match="`clip` must be a number > 0"):
+    with pytest.raises(ValueError, match="`clip` must be a finite number > 0"):
         stackrnn.default_optimizer(2.0, -1.0)
+    for value in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="`learning_rate` must be a finite"):
+            stackrnn.default_optimizer(value)
+        with pytest.raises(ValueError, match="`clip` must be a finite number > 0"):
+            stackrnn.default_optimizer(2.0, value)
     with pytest.raises(ValueError, match="`method` must be 'sgd' or 'adam', got 'sdg'"):
         stackrnn.default_optimizer(method="sdg")
     model = tiny_model(data, getkey())
