@@ -101,12 +101,39 @@ def _parser() -> argparse.ArgumentParser:
 
     # Flags not given stay absent (SUPPRESS), so a resumed run can tell them apart
     # from defaults.
-    train = commands.add_parser(
-        "train",
-        help="train a language model (default: d2l's 2-layer GRU on The Time Machine)",
-        argument_default=argparse.SUPPRESS,
+    _add_train_flags(
+        commands.add_parser(
+            "train",
+            help="train a language model (default: d2l's 2-layer GRU on The Time "
+            "Machine)",
+            argument_default=argparse.SUPPRESS,
+        )
     )
-    add = train.add_argument
+
+    gen = commands.add_parser("generate", help="generate text from a trained model")
+    add = gen.add_argument
+    add("--checkpoint", metavar="DIR", required=True, help="a `train --out` directory")
+    add("--prefix", default="time traveller", help="text to continue")
+    add("--num-chars", type=_count(0), default=200, help="characters to generate")
+    add(
+        "--temperature",
+        type=_number(0),
+        default=0.0,
+        help="0 for greedy (d2l's predict), else sample from softmax(logits / T)",
+    )
+    add("--seed", type=_count(0), default=0, help="random seed for sampling")
+    return parser
+
+
+def _add_train_flags(train: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Adds `stackrnn train`'s flags to `train`; returns them by destination, which
+    also checks the hyper-parameters a checkpoint records."""
+    flags = {}
+
+    def add(*names, **options):
+        action = train.add_argument(*names, **options)
+        flags[action.dest] = action
+
     add("--data", metavar="FILE", help="a UTF-8 text file (default: The Time Machine)")
     add("--out", metavar="DIR", default="stackrnn-run", help="output (stackrnn-run)")
     add("--resume", action="store_true", default=False, help="continue --out's run")
@@ -165,20 +192,7 @@ def _parser() -> argparse.ArgumentParser:
         help="train data-parallel on this many devices (default: all)",
     )
     add("--quiet", action="store_true", default=False, help="no progress bar")
-
-    gen = commands.add_parser("generate", help="generate text from a trained model")
-    add = gen.add_argument
-    add("--checkpoint", metavar="DIR", required=True, help="a `train --out` directory")
-    add("--prefix", default="time traveller", help="text to continue")
-    add("--num-chars", type=_count(0), default=200, help="characters to generate")
-    add(
-        "--temperature",
-        type=_number(0),
-        default=0.0,
-        help="0 for greedy (d2l's predict), else sample from softmax(logits / T)",
-    )
-    add("--seed", type=_count(0), default=0, help="random seed for sampling")
-    return parser
+    return flags
 
 
 def _build_model(hp: dict, vocab_size: int, key) -> RNNLM:
@@ -208,18 +222,50 @@ def _build_model(hp: dict, vocab_size: int, key) -> RNNLM:
 
 
 def _saved_hyperparameters(saved: Checkpoint) -> dict:
-    return {**_ADDED, **saved.hyperparameters}
+    """The hyper-parameters `saved` records (with the values of options added since
+    its format), each checked as its flag would be: a damaged or foreign record
+    fails here, naming the file, not in the model's constructors."""
+    hp = {**_ADDED, **saved.hyperparameters}
+    record = str(saved.record)
+    missing = sorted((DEFAULTS.keys() | {"data", "sha1"}) - hp.keys())
+    if missing:
+        raise ValueError(
+            f"{record!r} lacks the hyper-parameters {missing}: it was not written by "
+            "`stackrnn train`"
+        )
+    flags = _add_train_flags(argparse.ArgumentParser())
+    for name in DEFAULTS:
+        value, flag = hp[name], flags[name]
+        if flag.nargs == 0:  # a switch
+            problem = None if isinstance(value, bool) else "expected true or false"
+        elif value is None:
+            problem = None if name == "forget_bias" else "expected a value"
+        elif flag.choices is not None:
+            problem = None if value in flag.choices else f"expected {flag.choices}"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            problem = "expected a number"
+        else:
+            try:
+                flag.type(str(value))
+                problem = None
+            except argparse.ArgumentTypeError as e:
+                problem = str(e)
+        if problem is not None:
+            raise ValueError(
+                f"{record!r} is damaged or not a checkpoint: hyper-parameter "
+                f"`{name}` (={value!r}): {problem}"
+            )
+    if not isinstance(hp["sha1"], str) or not isinstance(hp["data"], (str, type(None))):
+        raise ValueError(
+            f"{record!r} is damaged or not a checkpoint: `sha1` must be a string and "
+            "`data` a string or null"
+        )
+    return hp
 
 
 def _new_state(hp: dict, vocab_size: int, key):
     """A freshly initialised `(model, optimizer, opt_state)` for hyper-parameters
     `hp`; also the skeleton a checkpoint is loaded into."""
-    missing = sorted(DEFAULTS.keys() - hp.keys())
-    if missing:
-        raise ValueError(
-            f"the checkpoint's hyper-parameters lack {missing}: it was not written by "
-            "`stackrnn train`"
-        )
     model = _build_model(hp, vocab_size, key)
     optimizer = default_optimizer(hp["lr"], hp["clip"], method=hp["optimizer"])
     return model, optimizer, optimizer.init(eqx.filter(model, eqx.is_inexact_array))

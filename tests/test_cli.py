@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -102,6 +103,129 @@ def test_divergence_keeps_the_last_finite_epoch(
     assert after["train_ppl"][:2] == before["train_ppl"]
     assert all(math.isfinite(p) for p in after["train_ppl"] + after["val_ppl"])
     assert len(after["train_ppl"]) == 3
+
+
+@pytest.fixture(scope="module")
+def trained(text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert run("train", "--data", text_file, "--out", out, *SMALL) == 0
+    return out
+
+
+def edit_record(edit):
+    def damage(run):
+        path = run / "checkpoint.json"
+        meta = json.loads(path.read_text())
+        edit(meta)
+        path.write_text(json.dumps(meta))
+
+    return damage
+
+
+def edit_state(edit):
+    def damage(run):
+        path = run / "state-000002.eqx"
+        path.write_bytes(edit(path.read_bytes()))
+
+    return damage
+
+
+def drop_letter(meta):
+    meta["vocab"].remove("t")
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "message"),
+    [
+        (edit_state(lambda b: b[: len(b) // 2]), "state-000002.eqx", "EOF: reading"),
+        (edit_state(lambda b: b[:0]), "state-000002.eqx", "No data left in file"),
+        (edit_state(lambda b: b + b), "state-000002.eqx", "holds more arrays"),
+        (
+            lambda run: (run / "state-000002.eqx").unlink(),
+            "state-000002.eqx",
+            "is missing, although",
+        ),
+        (
+            edit_record(lambda m: m.pop("vocab")),
+            "checkpoint.json",
+            "`vocab` must be a JSON list, found missing",
+        ),
+        (
+            edit_record(lambda m: m.pop("history")),
+            "checkpoint.json",
+            "`history` must be a JSON object, found missing",
+        ),
+        (
+            edit_record(lambda m: m["history"]["val_ppl"].pop()),
+            "checkpoint.json",
+            "`history` must hold lists of numbers",
+        ),
+        (
+            edit_record(lambda m: m.update(state_file="../elsewhere.eqx")),
+            "checkpoint.json",
+            "`state_file` must be named as state-NNNNNN.eqx",
+        ),
+        (
+            edit_record(lambda m: m["vocab"].remove("<unk>")),
+            "checkpoint.json",
+            "`vocab`: `tokens` must contain '<unk>'",
+        ),
+        (
+            edit_record(lambda m: m["vocab"].append(7)),
+            "checkpoint.json",
+            "`vocab` must be a list of strings",
+        ),
+        (
+            edit_record(lambda m: m["hyperparameters"].pop("sha1")),
+            "checkpoint.json",
+            "lacks the hyper-parameters ['sha1']",
+        ),
+        (
+            edit_record(lambda m: m["hyperparameters"].update(hidden=-8)),
+            "checkpoint.json",
+            "`hidden` (=-8): expected an integer >= 1, got -8",
+        ),
+        (
+            edit_record(lambda m: m["hyperparameters"].update(hidden="8")),
+            "checkpoint.json",
+            "`hidden` (='8'): expected a number",
+        ),
+        (
+            edit_record(lambda m: m["hyperparameters"].update(init="xavier")),
+            "checkpoint.json",
+            "`init` (='xavier'): expected ('pytorch', 'normal', 'orthogonal')",
+        ),
+        (
+            edit_record(lambda m: m["hyperparameters"].update(residual="yes")),
+            "checkpoint.json",
+            "`residual` (='yes'): expected true or false",
+        ),
+        # A vocabulary that no longer matches the saved shapes.
+        (edit_record(drop_letter), "state-000002.eqx", "has changed shape"),
+        (
+            lambda run: (run / "checkpoint.json").write_text('{"format": 1, "st'),
+            "checkpoint.json",
+            "not JSON (Unterminated string",
+        ),
+        (
+            lambda run: (run / "checkpoint.json").write_text("[1, 2]"),
+            "checkpoint.json",
+            "a JSON list, not an object",
+        ),
+    ],
+)
+def test_damaged_run_directory(trained, tmp_path, capsys, damage, file, message):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    damage(out)
+    for argv in (
+        ["train", "--out", out, "--resume", "--epochs", "3", "--quiet"],
+        ["generate", "--checkpoint", out, "--num-chars", "3"],
+    ):
+        assert run(*argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert f"{str(out / file)!r}" in err and message in err, err
 
 
 def test_rnn_uses_d2ls_init(text_file, tmp_path):
