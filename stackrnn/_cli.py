@@ -4,13 +4,15 @@ import argparse
 import hashlib
 import math
 import statistics
+import sys
+import warnings
 
 import equinox as eqx
 import jax
 
 from ._checkpoint import Checkpoint
 from ._constructors import GRU, LSTM, RNN
-from ._data import CharData, load_text
+from ._data import CharData, load_text, preprocess, UNK
 from ._generate import generate
 from ._init import NormalInit, OrthogonalInit, PyTorchInit
 from ._lm import RNNLM
@@ -56,6 +58,8 @@ _INITS = dict(
     pytorch=PyTorchInit(), normal=NormalInit(0.01), orthogonal=OrthogonalInit()
 )
 _CURVES = "curves.png"
+# How `generate` prints `<unk>`: preprocessed text has no "?" of its own.
+_UNKNOWN = "?"
 
 
 def _count(minimum):
@@ -379,16 +383,29 @@ def _generate(args: argparse.Namespace) -> None:
         _saved_hyperparameters(saved), len(saved.vocab), jax.random.key(0)
     )
     model, _ = saved.load((model, opt_state))
-    chars = generate(
-        model,
-        saved.vocab,
-        args.prefix,
-        temperature=args.temperature,
-        key=jax.random.key(args.seed),
-    )
-    print(args.prefix, end="", flush=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chars = generate(
+            model,
+            saved.vocab,
+            args.prefix,
+            temperature=args.temperature,
+            key=jax.random.key(args.seed),
+        )
+    for warning in caught:
+        print(
+            f"stackrnn generate: warning: {warning.message} (printed as {_UNKNOWN!r})",
+            file=sys.stderr,
+        )
+
+    def show(token):
+        return _UNKNOWN if token == UNK else token
+
+    # The prefix as the model reads it: preprocessed, unknown characters as such.
+    read = [saved.vocab.tokens[i] for i in saved.vocab.encode(preprocess(args.prefix))]
+    print("".join(map(show, read)), end="", flush=True)
     for _, char in zip(range(args.num_chars), chars):
-        print(char, end="", flush=True)
+        print(show(char), end="", flush=True)
     print()
 
 

@@ -82,6 +82,10 @@ def read_text(path: str | os.PathLike) -> str:
     binary file), raises a `ValueError` that says so.
     """
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"data file {str(path)!r} is a directory; give a UTF-8 text file"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     raw = path.read_bytes()

@@ -281,6 +281,21 @@ def test_bad_data(content, message, tmp_path, capsys):
     assert err.startswith("stackrnn train: error:") and message in err
 
 
+def test_data_directory(tmp_path, capsys):
+    assert run("train", "--data", tmp_path, "--out", tmp_path / "run") == 2
+    assert f"{str(tmp_path)!r} is a directory" in capsys.readouterr().err
+
+
+def test_generate_with_unknown_prefix_characters(trained, capsys):
+    # The training text has no q, u or z.
+    assert run("generate", "--checkpoint", trained, "--prefix", "The quiz") == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("the ??i?") and "<unk>" not in out
+    assert err.count("\n") == 1
+    assert "warning: `prefix` has characters outside the vocabulary" in err
+    assert "'q', 'u', 'z' (printed as '?')" in err
+
+
 def test_time_machine_from_the_command_line(tmp_path):
     # The README's command, as a user runs it (one epoch of a narrow model here).
     out = tmp_path / "tm"

@@ -120,6 +120,8 @@ def test_bad_files(tmp_path, content, match):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         stackrnn.load_text(tmp_path / "nope.txt")
+    with pytest.raises(IsADirectoryError, match="is a directory; give a UTF-8 text"):
+        stackrnn.load_text(tmp_path)
 
 
 def test_bad_vocab():
