@@ -3,8 +3,10 @@
 import argparse
 import hashlib
 import math
+import pathlib
 import statistics
 import sys
+import tempfile
 import warnings
 
 import equinox as eqx
@@ -275,8 +277,31 @@ def _new_state(hp: dict, vocab_size: int, key):
     return model, optimizer, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
 
+def _check_out(out: str) -> None:
+    """`--out` must be a directory this process can write in, or one it can create:
+    checked before the data and the compilation, which may take minutes."""
+    path = pathlib.Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"`--out` {out!r} is a file; give a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"`--out` {out!r} cannot be created: {str(existing)!r} is a file"
+        )
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ValueError(
+            f"`--out` {out!r} is not writable: cannot write in {str(existing)!r} "
+            f"({e.strerror})"
+        ) from None
+
+
 def _train(args: dict) -> None:
     out, resume, quiet = args.pop("out"), args.pop("resume"), args.pop("quiet")
+    _check_out(out)
     # Not a hyper-parameter: a run may resume on other devices.
     devices = args.pop("devices")
     if resume:

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -226,6 +227,28 @@ def test_damaged_run_directory(trained, tmp_path, capsys, damage, file, message)
         err = capsys.readouterr().err
         assert err.count("\n") == 1, err
         assert f"{str(out / file)!r}" in err and message in err, err
+
+
+@pytest.mark.parametrize("case", ["file", "under a file", "read-only"])
+def test_out_is_checked_before_training(text_file, tmp_path, capsys, monkeypatch, case):
+    def fail(*args, **kwargs):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr("stackrnn._cli.fit", fail)
+    file = tmp_path / "file"
+    file.write_text("not a directory")
+    out, message = {
+        "file": (file, "is a file; give a directory"),
+        "under a file": (file / "run", f"cannot be created: {str(file)!r} is a file"),
+        "read-only": (tmp_path / "ro" / "run", "is not writable: cannot write in"),
+    }[case]
+    if case == "read-only":
+        (tmp_path / "ro").mkdir(0o555)
+        if os.access(tmp_path / "ro", os.W_OK):
+            pytest.skip("this user can write in read-only directories")
+    assert run("train", "--data", text_file, "--out", out, *SMALL) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"`--out` {str(out)!r}" in err and message in err
 
 
 def test_rnn_uses_d2ls_init(text_file, tmp_path):
