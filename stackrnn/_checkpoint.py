@@ -63,6 +63,20 @@ class Checkpoint:
         return (pathlib.Path(directory) / _META).is_file()
 
     @staticmethod
+    def remove_stale(directory) -> list[str]:
+        """Removes the temporary files that saves stopped midway (a killed run) left
+        in `directory`, and returns their names. Only names of `save`'s own making
+        are touched: `.checkpoint.json.XXXXXXXX` and `.state-NNNNNN.eqx.XXXXXXXX`.
+        Call it when no other process is saving into `directory`."""
+        directory = pathlib.Path(directory)
+        if not directory.is_dir():
+            return []
+        stale = sorted(p.name for p in directory.iterdir() if _TEMP.fullmatch(p.name))
+        for name in stale:
+            (directory / name).unlink()
+        return stale
+
+    @staticmethod
     def save(
         directory,
         state: PyTree,
@@ -199,6 +213,8 @@ class Checkpoint:
 _KEYS = dict(state_file=str, hyperparameters=dict, vocab=list, history=dict)
 _JSON = {str: "string", dict: "object", list: "list"}
 _STATE_FILE = re.compile(r"state-\d{6}\.eqx")
+# `_atomic_write`'s temporary names: `tempfile.mkstemp`'s eight characters.
+_TEMP = re.compile(r"\.(checkpoint\.json|state-\d{6}\.eqx)\.[a-z0-9_]{8}")
 
 
 def _is_number(x) -> bool:

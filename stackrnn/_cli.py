@@ -302,6 +302,7 @@ def _check_out(out: str) -> None:
 def _train(args: dict) -> None:
     out, resume, quiet = args.pop("out"), args.pop("resume"), args.pop("quiet")
     _check_out(out)
+    Checkpoint.remove_stale(out)
     # Not a hyper-parameter: a run may resume on other devices.
     devices = args.pop("devices")
     if resume:

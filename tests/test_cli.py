@@ -251,6 +251,21 @@ def test_out_is_checked_before_training(text_file, tmp_path, capsys, monkeypatch
     assert err.count("\n") == 1 and f"`--out` {str(out)!r}" in err and message in err
 
 
+def test_stale_temporary_files_are_removed(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    # What saves killed midway leave, then files of other names that stay.
+    stale = [".checkpoint.json.k3_x9a0q", ".state-000003.eqx.abcdefgh"]
+    kept = [".checkpoint.json.bak", ".state-3.eqx.abcdefgh", "notes.txt"]
+    for name in stale + kept:
+        (out / name).write_text("")
+    assert run("train", "--out", out, "--resume", "--quiet") == 0
+    assert "already has 2 epochs" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        kept + ["checkpoint.json", "curves.png", "state-000002.eqx"]
+    )
+
+
 def test_rnn_uses_d2ls_init(text_file, tmp_path):
     out = tmp_path / "rnn"
     assert run("train", "--data", text_file, "--out", out, "--cell", "rnn", *SMALL) == 0

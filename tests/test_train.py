@@ -1,5 +1,7 @@
 import dataclasses
 import math
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -231,6 +233,27 @@ def test_infinite_perplexity_of_a_finite_loss(data, getkey):
         stackrnn.fit(model, data, epochs=1, **kwargs)
     _, _, history = stackrnn.fit(model, data, epochs=1, check_finite=False, **kwargs)
     assert history.train_ppl == [math.inf] and history.val_ppl == [math.inf]
+
+
+# A save that dies in its first rename (as under SIGKILL: no cleanup runs).
+_KILLED_SAVE = """
+import os, sys, stackrnn
+os.replace = lambda *args: os._exit(3)
+stackrnn.Checkpoint.save(sys.argv[1], {}, hyperparameters={},
+                         vocab=stackrnn.Vocab(("<unk>",)), history=stackrnn.History())
+"""
+
+
+def test_killed_saves_leave_files_that_remove_stale_removes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
+    for _ in range(2):
+        command = [sys.executable, "-c", _KILLED_SAVE, str(tmp_path)]
+        assert subprocess.run(command, env=env).returncode == 3
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and all(n.startswith(".state-000000.eqx.") for n in left)
+    (tmp_path / "mine.txt").write_text("")
+    assert stackrnn.Checkpoint.remove_stale(tmp_path) == left
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 
 
 def test_plot(tmp_path):
