@@ -12,7 +12,7 @@ import json
 import os
 import pathlib
 import re
-import tempfile
+import secrets
 from typing import Any
 
 import equinox as eqx
@@ -27,7 +27,15 @@ _FORMAT = 1
 
 
 def _atomic_write(path: pathlib.Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        try:
+            # 0o666 less the umask, as every file the process writes (mkstemp's
+            # 0o600 would hide the run from the other users of a shared machine).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -213,7 +221,8 @@ class Checkpoint:
 _KEYS = dict(state_file=str, hyperparameters=dict, vocab=list, history=dict)
 _JSON = {str: "string", dict: "object", list: "list"}
 _STATE_FILE = re.compile(r"state-\d{6}\.eqx")
-# `_atomic_write`'s temporary names: `tempfile.mkstemp`'s eight characters.
+# `_atomic_write`'s temporary names (eight hex digits), and those of earlier
+# versions (`tempfile.mkstemp`'s eight characters).
 _TEMP = re.compile(r"\.(checkpoint\.json|state-\d{6}\.eqx)\.[a-z0-9_]{8}")
 
 

@@ -256,6 +256,25 @@ def test_killed_saves_leave_files_that_remove_stale_removes(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_follow_the_umask(data, getkey, tmp_path, umask):
+    model = tiny_model(data, getkey())
+    before = os.umask(umask)
+    try:
+        stackrnn.Checkpoint.save(
+            tmp_path,
+            model,
+            hyperparameters={},
+            vocab=data.vocab,
+            history=stackrnn.History(),
+        )
+    finally:
+        os.umask(before)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    mode = 0o666 & ~umask
+    assert modes == {"checkpoint.json": mode, "state-000000.eqx": mode}
+
+
 def test_plot(tmp_path):
     history = stackrnn.History([20.0, 10.0, 8.0], [21.0, 12.0, 9.0], [1.0, 0.2, 0.2])
     stackrnn.plot_history(history, tmp_path / "curves.png")
