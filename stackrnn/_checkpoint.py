@@ -71,6 +71,21 @@ class Checkpoint:
         return (pathlib.Path(directory) / _META).is_file()
 
     @staticmethod
+    def foreign_files(directory) -> list[str]:
+        """The names of the files in `directory` that `save` neither writes nor
+        replaces (none if it does not exist): a directory with none holds no run
+        but at most the state file of a first save that was stopped before its
+        record."""
+        directory = pathlib.Path(directory)
+        if not directory.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in directory.iterdir()
+            if p.name != _META and not _STATE_FILE.fullmatch(p.name)
+        )
+
+    @staticmethod
     def remove_stale(directory) -> list[str]:
         """Removes the temporary files that saves stopped midway (a killed run) left
         in `directory`, and returns their names. Only names of `save`'s own making

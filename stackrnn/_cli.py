@@ -305,6 +305,21 @@ def _train(args: dict) -> None:
     Checkpoint.remove_stale(out)
     # Not a hyper-parameter: a run may resume on other devices.
     devices = args.pop("devices")
+    if resume and not Checkpoint.exists(out):
+        # A run stopped before its first save: a restart script may always resume.
+        foreign = Checkpoint.foreign_files(out)
+        if foreign:
+            raise ValueError(
+                f"`--out` {out!r} holds no run to resume (no checkpoint.json) "
+                f"but other files ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); choose its run's directory "
+                "or a new one"
+            )
+        print(
+            f"stackrnn train: no run in {out!r} to resume yet; starting a new one",
+            file=sys.stderr,
+        )
+        resume = False
     if resume:
         saved = Checkpoint.read(out)
         saved_hp = _saved_hyperparameters(saved)

@@ -266,6 +266,37 @@ def test_stale_temporary_files_are_removed(trained, tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize("case", ["missing", "empty", "a first save stopped"])
+def test_resume_without_a_run_starts_one(text_file, tmp_path, capsys, case):
+    out = tmp_path / "run"
+    if case != "missing":
+        out.mkdir()
+    if case == "a first save stopped":
+        (out / "state-000001.eqx").write_bytes(b"half a state")
+        (out / ".checkpoint.json.0a1b2c3d").write_text("{")
+    args = ["train", "--data", text_file, "--out", out, "--resume", *SMALL]
+    assert run(*args) == 0
+    out_text, err = capsys.readouterr()
+    message = f"no run in {str(out)!r} to resume yet; starting a new one"
+    assert err == f"stackrnn train: {message}\n"
+    assert "epoch 2: train ppl" in out_text
+    assert {p.name for p in out.iterdir()} == {
+        "checkpoint.json",
+        "state-000002.eqx",
+        "curves.png",
+    }
+
+
+def test_resume_in_a_directory_of_other_files(text_file, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("")
+    args = ["train", "--data", text_file, "--out", tmp_path, "--resume", *SMALL]
+    assert run(*args) == 2
+    assert (
+        "holds no run to resume (no checkpoint.json) but other files (notes.txt)"
+        in (capsys.readouterr().err)
+    )
+
+
 def test_rnn_uses_d2ls_init(text_file, tmp_path):
     out = tmp_path / "rnn"
     assert run("train", "--data", text_file, "--out", out, "--cell", "rnn", *SMALL) == 0
