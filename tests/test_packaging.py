@@ -1,0 +1,39 @@
+import pathlib
+import subprocess
+import sys
+import tarfile
+import tomllib
+import zipfile
+
+import pytest
+
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def test_license_is_declared_and_shipped():
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"]
+
+
+def test_wheel_and_sdist_carry_the_license(tmp_path):
+    # Builds offline with the installed backend (the test extra does not bring it).
+    pytest.importorskip("hatchling")
+    pytest.importorskip("build")
+    command = [sys.executable, "-m", "build", "--no-isolation", "--outdir", tmp_path]
+    subprocess.run([*map(str, command), str(ROOT)], check=True, capture_output=True)
+    license = (ROOT / "LICENSE").read_bytes()
+    (wheel,) = tmp_path.glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        (name,) = [n for n in z.namelist() if n.endswith(".dist-info/licenses/LICENSE")]
+        assert z.read(name) == license
+    (sdist,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(sdist) as t:
+        (name,) = [
+            n for n in t.getnames() if n.count("/") == 1 and n.endswith("/LICENSE")
+        ]
+        assert t.extractfile(name).read() == license
