@@ -1,7 +1,6 @@
 """The `stackrnn` command: `stackrnn train` and `stackrnn generate`."""
 
 import argparse
-import hashlib
 import math
 import pathlib
 import statistics
@@ -14,7 +13,7 @@ import jax
 
 from ._checkpoint import Checkpoint
 from ._constructors import GRU, LSTM, RNN
-from ._data import CharData, load_text, preprocess, UNK
+from ._data import CharData, preprocess, UNK
 from ._generate import generate
 from ._init import NormalInit, OrthogonalInit, PyTorchInit
 from ._lm import RNNLM
@@ -348,21 +347,19 @@ def _train(args: dict) -> None:
         if hp["forget_bias"] is not None and hp["cell"] != "lstm":
             raise ValueError("`--forget-bias` needs `--cell lstm`")
         vocab, history = None, None
-    text = load_text(hp["data"])
-    sha1 = hashlib.sha1(text.encode()).hexdigest()
-    if resume and sha1 != hp["sha1"]:
-        raise ValueError(
-            f"the data (SHA-1 {sha1}) is not the text the checkpoint was trained on "
-            f"(SHA-1 {hp['sha1']})"
-        )
-    hp["sha1"] = sha1
-    data = CharData.from_text(
-        text,
+    data = CharData.from_file(
+        hp["data"],
         num_steps=hp["num_steps"],
         num_train=hp["num_train"],
         num_val=hp["num_val"],
         vocab=vocab,
     )
+    if resume and data.sha1 != hp["sha1"]:
+        raise ValueError(
+            f"the data (SHA-1 {data.sha1}) is not the text the checkpoint was trained "
+            f"on (SHA-1 {hp['sha1']})"
+        )
+    hp["sha1"] = data.sha1
     model_key, train_key = jax.random.split(jax.random.key(hp["seed"]))
     model, optimizer, opt_state = _new_state(hp, len(data.vocab), model_key)
     if resume:
