@@ -1,6 +1,7 @@
 """The `stackrnn` command: `stackrnn train` and `stackrnn generate`."""
 
 import argparse
+import importlib.metadata
 import math
 import pathlib
 import statistics
@@ -102,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="stackrnn",
         description="Train deep recurrent character language models and sample them.",
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {importlib.metadata.version('stackrnn')}",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     # Flags not given stay absent (SUPPRESS), so a resumed run can tell them apart
@@ -118,15 +124,20 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text from a trained model")
     add = gen.add_argument
     add("--checkpoint", metavar="DIR", required=True, help="a `train --out` directory")
-    add("--prefix", default="time traveller", help="text to continue")
-    add("--num-chars", type=_count(0), default=200, help="characters to generate")
+    add("--prefix", default="time traveller", help="text to continue (time traveller)")
+    add(
+        "--num-chars",
+        type=_count(0),
+        default=200,
+        help="characters to generate (200)",
+    )
     add(
         "--temperature",
         type=_number(0),
         default=0.0,
-        help="0 for greedy (d2l's predict), else sample from softmax(logits / T)",
+        help="0 for greedy (d2l's predict), else sample from softmax(logits / T) (0)",
     )
-    add("--seed", type=_count(0), default=0, help="random seed for sampling")
+    add("--seed", type=_count(0), default=0, help="random seed for sampling (0)")
     return parser
 
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import stackrnn
-from stackrnn._cli import _new_state, main
+from stackrnn._cli import _new_state, _parser, DEFAULTS, main
 
 from .test_data import TIME_MACHINE
 
@@ -299,6 +299,40 @@ def test_resume_in_a_directory_of_other_files(text_file, tmp_path, capsys):
         "holds no run to resume (no checkpoint.json) but other files (notes.txt)"
         in (capsys.readouterr().err)
     )
+
+
+def test_version(capsys):
+    assert run("--version") == 0
+    assert capsys.readouterr().out == f"stackrnn {stackrnn.__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["train", "generate"])
+def test_help_shows_the_defaults(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    blocks, flag = {}, None
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0]
+            blocks[flag] = line
+        elif flag is not None and line.startswith("    "):
+            blocks[flag] += " " + line.strip()
+    if command == "train":
+        defaults = DEFAULTS
+    else:
+        defaults = vars(_parser().parse_args(["generate", "--checkpoint", "x"]))
+    shown = 0
+    for name, value in defaults.items():
+        if (
+            value is None
+            or isinstance(value, bool)
+            or name in ("command", "checkpoint")
+        ):
+            continue  # None: depends on another flag; a switch: off
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        assert f"({text})" in blocks["--" + name.replace("_", "-")], name
+        shown += 1
+    assert shown >= 4
 
 
 def test_rnn_uses_d2ls_init(text_file, tmp_path):

@@ -1,4 +1,5 @@
 import pathlib
+import re
 import subprocess
 import sys
 import tarfile
@@ -37,3 +38,21 @@ def test_wheel_and_sdist_carry_the_license(tmp_path):
             n for n in t.getnames() if n.count("/") == 1 and n.endswith("/LICENSE")
         ]
         assert t.extractfile(name).read() == license
+
+
+def test_install_commands_work_from_a_clone():
+    # Until the package is published, `pip install "stackrnn[x]"` finds nothing.
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    commands = [
+        (page.name, command)
+        for page in pages
+        for command in re.findall(r"pip install ([^`\n#]*)", page.read_text())
+    ]
+    assert len(commands) >= 4
+    for page, command in commands:
+        match = re.fullmatch(r'-e (\.|"\.\[([a-z,]+)\]")\s*', command)
+        assert match, (page, command)
+        assert set((match[2] or "").split(",")) - {""} <= extras.keys(), (page, command)
