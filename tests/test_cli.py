@@ -1,13 +1,18 @@
 import json
+import math
+import os
+import shutil
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import optax
 import pytest
 
 import stackrnn
 import stackrnn.lm
-from stackrnn.lm._cli import _new_state, main
+from stackrnn.lm._cli import _new_state, _parser, DEFAULTS, main
 
 
 # A small run: tiny model, few windows, two epochs.
@@ -74,6 +79,263 @@ def test_train_generate_resume(text_file, tmp_path, capsys):
     assert "is not the text the checkpoint was trained on" in capsys.readouterr().err
 
 
+def test_divergence_keeps_the_last_finite_epoch(
+    text_file, tmp_path, capsys, monkeypatch
+):
+    # Updates turn NaN from the 9th step on: 4 steps an epoch (200 windows in
+    # batches of 64), so epoch 3 diverges. The resumed run has the same optimiser
+    # state, without the poison.
+    poison = [True]
+
+    def poisoned(*args, **kwargs):
+        scale = jnp.nan if poison[0] else 1.0
+        schedule = optax.scale_by_schedule(lambda n: jnp.where(n >= 8, scale, 1.0))
+        return optax.chain(stackrnn.lm.default_optimizer(*args, **kwargs), schedule)
+
+    monkeypatch.setattr("stackrnn.lm._cli.default_optimizer", poisoned)
+    out = tmp_path / "run"
+    argv = ["train", "--data", text_file, "--out", out, *SMALL, "--epochs", "4"]
+    assert run(*argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "diverged in epoch 3" in err
+    assert f"{str(out)!r} keeps epoch 2, the last finite one" in err
+    assert {p.name for p in out.iterdir()} == {"checkpoint.json", "state-000002.eqx"}
+    before = json.loads((out / "checkpoint.json").read_text())["history"]
+    assert len(before["train_ppl"]) == 2
+    # Resumed without the poison, the run continues from epoch 2.
+    poison[0] = False
+    assert run("train", "--out", out, "--resume", "--epochs", "3", "--quiet") == 0
+    after = json.loads((out / "checkpoint.json").read_text())["history"]
+    assert after["train_ppl"][:2] == before["train_ppl"]
+    assert all(math.isfinite(p) for p in after["train_ppl"] + after["val_ppl"])
+    assert len(after["train_ppl"]) == 3
+
+
+@pytest.fixture(scope="module")
+def trained(text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert run("train", "--data", text_file, "--out", out, *SMALL) == 0
+    return out
+
+
+def edit_record(edit):
+    def damage(run):
+        path = run / "checkpoint.json"
+        meta = json.loads(path.read_text())
+        edit(meta)
+        path.write_text(json.dumps(meta))
+
+    return damage
+
+
+def edit_state(edit):
+    def damage(run):
+        path = run / "state-000002.eqx"
+        path.write_bytes(edit(path.read_bytes()))
+
+    return damage
+
+
+def drop_letter(meta):
+    meta["vocab"].remove("t")
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "message"),
+    [
+        (edit_state(lambda b: b[: len(b) // 2]), "state-000002.eqx", "EOF: reading"),
+        (edit_state(lambda b: b[:0]), "state-000002.eqx", "No data left in file"),
+        (edit_state(lambda b: b + b), "state-000002.eqx", "holds more arrays"),
+        (
+            lambda run: (run / "state-000002.eqx").unlink(),
+            "state-000002.eqx",
+            "is missing, although",
+        ),
+        (
+            edit_record(lambda m: m.pop("vocab")),
+            "checkpoint.json",
+            "`vocab` must be a JSON list, found missing",
+        ),
+        (
+            edit_record(lambda m: m.pop("history")),
+            "checkpoint.json",
+            "`history` must be a JSON object, found missing",
+        ),
+        (
+            edit_record(lambda m: m["history"]["val_ppl"].pop()),
+            "checkpoint.json",
+            "`history` must hold lists of numbers",
+        ),
+        (
+            edit_record(lambda m: m.update(state_file="../elsewhere.eqx")),
+            "checkpoint.json",
+            "`state_file` must be named as state-NNNNNN.eqx",
+        ),
+        (
+            edit_record(lambda m: m["vocab"].remove("<unk>")),
+            "checkpoint.json",
+            "`vocab`: `tokens` must contain '<unk>'",
+        ),
+        (
+            edit_record(lambda m: m["vocab"].append(7)),
+            "checkpoint.json",
+            "`vocab` must be a list of strings",
+        ),
+        (
+            edit_record(lambda m: m["hyperparameters"].pop("sha1")),
+            "checkpoint.json",
+            "lacks the hyper-parameters ['sha1']",
+        ),
+        (
+            edit_record(lambda m: m["hyperparameters"].update(hidden=-8)),
+            "checkpoint.json",
+            "`hidden` (=-8): expected an integer >= 1, got -8",
+        ),
+        (
+            edit_record(lambda m: m["hyperparameters"].update(hidden="8")),
+            "checkpoint.json",
+            "`hidden` (='8'): expected a number",
+        ),
+        (
+            edit_record(lambda m: m["hyperparameters"].update(init="xavier")),
+            "checkpoint.json",
+            "`init` (='xavier'): expected ('pytorch', 'normal', 'orthogonal')",
+        ),
+        (
+            edit_record(lambda m: m["hyperparameters"].update(residual="yes")),
+            "checkpoint.json",
+            "`residual` (='yes'): expected true or false",
+        ),
+        # A vocabulary that no longer matches the saved shapes.
+        (edit_record(drop_letter), "state-000002.eqx", "has changed shape"),
+        (
+            lambda run: (run / "checkpoint.json").write_text('{"format": 1, "st'),
+            "checkpoint.json",
+            "not JSON (Unterminated string",
+        ),
+        (
+            lambda run: (run / "checkpoint.json").write_text("[1, 2]"),
+            "checkpoint.json",
+            "a JSON list, not an object",
+        ),
+    ],
+)
+def test_damaged_run_directory(trained, tmp_path, capsys, damage, file, message):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    damage(out)
+    for argv in (
+        ["train", "--out", out, "--resume", "--epochs", "3", "--quiet"],
+        ["generate", "--checkpoint", out, "--num-chars", "3"],
+    ):
+        assert run(*argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert f"{str(out / file)!r}" in err and message in err, err
+
+
+@pytest.mark.parametrize("case", ["file", "under a file", "read-only"])
+def test_out_is_checked_before_training(text_file, tmp_path, capsys, monkeypatch, case):
+    def fail(*args, **kwargs):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr("stackrnn.lm._cli.fit", fail)
+    file = tmp_path / "file"
+    file.write_text("not a directory")
+    out, message = {
+        "file": (file, "is a file; give a directory"),
+        "under a file": (file / "run", f"cannot be created: {str(file)!r} is a file"),
+        "read-only": (tmp_path / "ro" / "run", "is not writable: cannot write in"),
+    }[case]
+    if case == "read-only":
+        (tmp_path / "ro").mkdir(0o555)
+        if os.access(tmp_path / "ro", os.W_OK):
+            pytest.skip("this user can write in read-only directories")
+    assert run("train", "--data", text_file, "--out", out, *SMALL) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"`--out` {str(out)!r}" in err and message in err
+
+
+def test_stale_temporary_files_are_removed(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    # What saves killed midway leave, then files of other names that stay.
+    stale = [".checkpoint.json.k3_x9a0q", ".state-000003.eqx.abcdefgh"]
+    kept = [".checkpoint.json.bak", ".state-3.eqx.abcdefgh", "notes.txt"]
+    for name in stale + kept:
+        (out / name).write_text("")
+    assert run("train", "--out", out, "--resume", "--quiet") == 0
+    assert "already has 2 epochs" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        kept + ["checkpoint.json", "curves.png", "state-000002.eqx"]
+    )
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "a first save stopped"])
+def test_resume_without_a_run_starts_one(text_file, tmp_path, capsys, case):
+    out = tmp_path / "run"
+    if case != "missing":
+        out.mkdir()
+    if case == "a first save stopped":
+        (out / "state-000001.eqx").write_bytes(b"half a state")
+        (out / ".checkpoint.json.0a1b2c3d").write_text("{")
+    args = ["train", "--data", text_file, "--out", out, "--resume", *SMALL]
+    assert run(*args) == 0
+    out_text, err = capsys.readouterr()
+    message = f"no run in {str(out)!r} to resume yet; starting a new one"
+    assert err == f"stackrnn train: {message}\n"
+    assert "epoch 2: train ppl" in out_text
+    assert {p.name for p in out.iterdir()} == {
+        "checkpoint.json",
+        "state-000002.eqx",
+        "curves.png",
+    }
+
+
+def test_resume_in_a_directory_of_other_files(text_file, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("")
+    args = ["train", "--data", text_file, "--out", tmp_path, "--resume", *SMALL]
+    assert run(*args) == 2
+    assert (
+        "holds no run to resume (no checkpoint.json) but other files (notes.txt)"
+        in (capsys.readouterr().err)
+    )
+
+
+def test_version(capsys):
+    assert run("--version") == 0
+    assert capsys.readouterr().out == f"stackrnn {stackrnn.__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["train", "generate"])
+def test_help_shows_the_defaults(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    blocks, flag = {}, None
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0]
+            blocks[flag] = line
+        elif flag is not None and line.startswith("    "):
+            blocks[flag] += " " + line.strip()
+    if command == "train":
+        defaults = DEFAULTS
+    else:
+        defaults = vars(_parser().parse_args(["generate", "--checkpoint", "x"]))
+    shown = 0
+    for name, value in defaults.items():
+        if (
+            value is None
+            or isinstance(value, bool)
+            or name in ("command", "checkpoint")
+        ):
+            continue  # None: depends on another flag; a switch: off
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        assert f"({text})" in blocks["--" + name.replace("_", "-")], name
+        shown += 1
+    assert shown >= 4
+
+
 def test_rnn_uses_d2ls_init(text_file, tmp_path):
     out = tmp_path / "rnn"
     assert run("train", "--data", text_file, "--out", out, "--cell", "rnn", *SMALL) == 0
@@ -88,6 +350,17 @@ def test_rnn_uses_d2ls_init(text_file, tmp_path):
         (["train", "--layers", "0"], "--layers: expected an integer >= 1, got 0"),
         (["train", "--hidden", "3.5"], "--hidden: expected an integer, got '3.5'"),
         (["train", "--dropout", "1"], "--dropout: expected a number >= 0 and < 1"),
+        (["train", "--lr", "inf"], "--lr: expected a finite number, got inf"),
+        (["train", "--lr", "nan"], "--lr: expected a finite number, got nan"),
+        (["train", "--clip", "inf"], "--clip: expected a finite number, got inf"),
+        (
+            ["train", "--forget-bias=-inf"],
+            "--forget-bias: expected a finite number, got -inf",
+        ),
+        (
+            ["generate", "--checkpoint", "x", "--temperature", "inf"],
+            "--temperature: expected a finite number, got inf",
+        ),
         (["train", "--cell", "tcn"], "--cell: invalid choice: 'tcn'"),
         (["train", "--nope"], "unrecognized arguments: --nope"),
         (["generate"], "the following arguments are required: --checkpoint"),
@@ -114,6 +387,21 @@ def test_bad_data(content, message, tmp_path, capsys):
     assert run("train", "--data", path, "--out", tmp_path / "run") == 2
     err = capsys.readouterr().err
     assert err.startswith("stackrnn train: error:") and message in err
+
+
+def test_data_directory(tmp_path, capsys):
+    assert run("train", "--data", tmp_path, "--out", tmp_path / "run") == 2
+    assert f"{str(tmp_path)!r} is a directory" in capsys.readouterr().err
+
+
+def test_generate_with_unknown_prefix_characters(trained, capsys):
+    # The training text has no q, u or z.
+    assert run("generate", "--checkpoint", trained, "--prefix", "The quiz") == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("the ??i?") and "<unk>" not in out
+    assert err.count("\n") == 1
+    assert "warning: `prefix` has characters outside the vocabulary" in err
+    assert "'q', 'u', 'z' (printed as '?')" in err
 
 
 def test_time_machine_from_the_command_line(tmp_path):

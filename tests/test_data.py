@@ -1,5 +1,6 @@
 import gzip
 import hashlib
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -47,22 +48,37 @@ def test_windows_of_a_known_string():
 
 
 @given(
-    text=st.text(alphabet="ab cD,é\n", min_size=1, max_size=60),
+    text=st.text(alphabet="ab cD,é€\n", min_size=1, max_size=60),
     num_steps=st.integers(1, 6),
     num_train=st.integers(1, 10),
     num_val=st.integers(1, 10),
+    # Chunks that cut runs of non-letters and multi-byte characters.
+    chunk=st.sampled_from([1, 2, 3, 5, 1 << 20]),
+    from_file=st.booleans(),
 )
-def test_windows_match_d2ls_definition(text, num_steps, num_train, num_val):
+def test_windows_match_d2ls_definition(
+    tmp_path_factory, text, num_steps, num_train, num_val, chunk, from_file
+):
+    sizes = dict(num_steps=num_steps, num_train=num_train, num_val=num_val)
+    if from_file:
+        path = tmp_path_factory.mktemp("text") / "text.txt"
+        path.write_bytes(text.encode())
+
+        def build():
+            return stackrnn.lm.CharData.from_file(path, **sizes)
+    else:
+
+        def build():
+            return stackrnn.lm.CharData.from_text(text, **sizes)
+
     tokens = list(stackrnn.lm.preprocess(text))
-    if len(tokens) - num_steps < num_train + 1:
-        with pytest.raises(ValueError, match="num_train"):
-            stackrnn.lm.CharData.from_text(
-                text, num_steps=num_steps, num_train=num_train, num_val=num_val
-            )
-        return
-    data = stackrnn.lm.CharData.from_text(
-        text, num_steps=num_steps, num_train=num_train, num_val=num_val
-    )
+    with mock.patch.object(stackrnn.lm._data, "_CHUNK", chunk):
+        if len(tokens) - num_steps < num_train + 1:
+            with pytest.raises(ValueError, match="num_train"):
+                build()
+            return
+        data = build()
+    assert data.sha1 == hashlib.sha1(text.encode()).hexdigest()
     # d2l: array = [corpus[i:i+num_steps+1] for i in range(len(corpus)-num_steps)]
     vocab = sorted(set(tokens + ["<unk>"]))
     corpus = [vocab.index(t) for t in tokens]
@@ -79,7 +95,13 @@ def test_windows_match_d2ls_definition(text, num_steps, num_train, num_val):
 
 def test_time_machine():
     text = stackrnn.lm.load_text()
+    assert hashlib.sha1(text.encode()).hexdigest() == SHA1
     data = stackrnn.lm.CharData.from_text(text)
+    streamed = stackrnn.lm.CharData.from_file()
+    assert data.sha1 == streamed.sha1 == SHA1
+    assert data.vocab == streamed.vocab
+    for field in ("train_x", "train_y", "val_x", "val_y"):
+        np.testing.assert_array_equal(getattr(data, field), getattr(streamed, field))
     assert len(data.vocab) == 28
     assert data.vocab.tokens[:3] == (" ", "<unk>", "a")
     assert data.train_x.shape == data.train_y.shape == (10000, 32)
@@ -104,23 +126,29 @@ def test_vocabulary_can_be_given():
         (b"", "is empty"),
         (b" \n\t ", "is empty"),
         (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8 text"),
-        (b"caf\xe9 au lait " * 50, "not UTF-8 text"),
+        (b"caf\xe9 au lait " * 50, r"not UTF-8 text \(byte 3: invalid continuation"),
+        (b"caf\xc3\xa9 au lait " * 50 + b"\xe2\x82", "ends inside a character"),
         (b"only a few words", "windows"),
         (b"1234567890 " * 100, "windows"),
     ],
 )
-def test_bad_files(tmp_path, content, match):
+@pytest.mark.parametrize("chunk", [2, 1 << 20])
+def test_bad_files(tmp_path, content, match, chunk, monkeypatch):
+    monkeypatch.setattr(stackrnn.lm._data, "_CHUNK", chunk)
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
+    sizes = dict(num_steps=32, num_train=10, num_val=5)
     with pytest.raises(ValueError, match=match):
-        stackrnn.lm.CharData.from_text(
-            stackrnn.lm.load_text(path), num_steps=32, num_train=10, num_val=5
-        )
+        stackrnn.lm.CharData.from_text(stackrnn.lm.load_text(path), **sizes)
+    with pytest.raises(ValueError, match=match):
+        stackrnn.lm.CharData.from_file(path, **sizes)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         stackrnn.lm.load_text(tmp_path / "nope.txt")
+    with pytest.raises(IsADirectoryError, match="is a directory; give a UTF-8 text"):
+        stackrnn.lm.load_text(tmp_path)
 
 
 def test_bad_vocab():

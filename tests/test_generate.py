@@ -1,4 +1,6 @@
 import itertools
+import math
+import warnings
 
 import equinox as eqx
 import jax
@@ -86,8 +88,9 @@ def test_greedy_ignores_the_key(model):
 
 
 def test_errors(model):
-    with pytest.raises(ValueError, match="`temperature` must be a number >= 0"):
-        stackrnn.lm.generate(model, VOCAB, "abc", temperature=-1.0)
+    for temperature in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="`temperature` must be a finite number"):
+            stackrnn.lm.generate(model, VOCAB, "abc", temperature=temperature)
     with pytest.raises(ValueError, match="needs a `key`"):
         stackrnn.lm.generate(model, VOCAB, "abc", temperature=0.5)
     with pytest.raises(ValueError, match="`prefix` must contain at least one letter"):
@@ -95,3 +98,13 @@ def test_errors(model):
     with pytest.raises(ValueError, match="`num_preds`"):
         stackrnn.lm.predict(model, VOCAB, "abc", -1)
     assert stackrnn.lm.predict(model, VOCAB, "abc", 0) == "abc"
+
+
+def test_unknown_prefix_characters_are_warned_about(model):
+    with pytest.warns(UserWarning, match="reads as '<unk>': 'i', 'q', 'u', 'z'"):
+        stackrnn.lm.generate(model, VOCAB, "Quiz a")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = stackrnn.lm.predict(model, VOCAB, "quiz a", 3)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    assert text.startswith("quiz a")

@@ -1,4 +1,7 @@
 import dataclasses
+import math
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -196,6 +199,86 @@ def test_checkpoint_files(data, getkey, tmp_path):
         stackrnn.lm.Checkpoint.read(tmp_path)
 
 
+def test_divergence_stops_at_the_last_finite_epoch(data, getkey):
+    # Updates turn NaN from the 7th step on: 3 steps an epoch (64 + 64 + 22
+    # windows), so epoch 3 diverges.
+    poison = optax.scale_by_schedule(lambda step: jnp.where(step >= 6, jnp.nan, 1.0))
+    optimizer = optax.chain(stackrnn.lm.default_optimizer(0.5), poison)
+    seen = []
+
+    def on_epoch(model, opt_state, history):
+        leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+        seen.append((len(history), all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)))
+
+    model = tiny_model(data, getkey())
+    kwargs = dict(key=getkey(), optimizer=optimizer, batch_size=64, progress=False)
+    with pytest.raises(
+        FloatingPointError, match="diverged in epoch 3: the perplexities are not"
+    ):
+        stackrnn.lm.fit(model, data, epochs=5, on_epoch=on_epoch, **kwargs)
+    assert seen == [(1, True), (2, True)]
+    # Unchecked, the run goes on and records the non-finite perplexities.
+    _, _, history = stackrnn.lm.fit(model, data, epochs=4, check_finite=False, **kwargs)
+    assert all(math.isfinite(p) for p in history.train_ppl[:2])
+    assert not any(math.isfinite(p) for p in history.val_ppl[2:])
+
+
+def test_infinite_perplexity_of_a_finite_loss(data, getkey):
+    # Readout weights of 1e4 give losses of thousands of nats: finite, but exp()
+    # overflows. That is divergence too; unchecked, the perplexity is inf, without
+    # a RuntimeWarning (an error here).
+    model = tiny_model(data, getkey())
+    model = eqx.tree_at(lambda m: m.weight, model, model.weight * 1e4)
+    kwargs = dict(key=getkey(), optimizer=optax.sgd(0.0), progress=False)
+    with pytest.raises(
+        FloatingPointError, match="diverged in epoch 1: the perplexities are not"
+    ):
+        stackrnn.lm.fit(model, data, epochs=1, **kwargs)
+    _, _, history = stackrnn.lm.fit(model, data, epochs=1, check_finite=False, **kwargs)
+    assert history.train_ppl == [math.inf] and history.val_ppl == [math.inf]
+
+
+# A save that dies in its first rename (as under SIGKILL: no cleanup runs).
+_KILLED_SAVE = """
+import os, sys, stackrnn.lm
+os.replace = lambda *args: os._exit(3)
+stackrnn.lm.Checkpoint.save(sys.argv[1], {}, hyperparameters={},
+                            vocab=stackrnn.lm.Vocab(("<unk>",)),
+                            history=stackrnn.lm.History())
+"""
+
+
+def test_killed_saves_leave_files_that_remove_stale_removes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
+    for _ in range(2):
+        command = [sys.executable, "-c", _KILLED_SAVE, str(tmp_path)]
+        assert subprocess.run(command, env=env).returncode == 3
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and all(n.startswith(".state-000000.eqx.") for n in left)
+    (tmp_path / "mine.txt").write_text("")
+    assert stackrnn.lm.Checkpoint.remove_stale(tmp_path) == left
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_follow_the_umask(data, getkey, tmp_path, umask):
+    model = tiny_model(data, getkey())
+    before = os.umask(umask)
+    try:
+        stackrnn.lm.Checkpoint.save(
+            tmp_path,
+            model,
+            hyperparameters={},
+            vocab=data.vocab,
+            history=stackrnn.lm.History(),
+        )
+    finally:
+        os.umask(before)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    mode = 0o666 & ~umask
+    assert modes == {"checkpoint.json": mode, "state-000000.eqx": mode}
+
+
 def test_plot(tmp_path):
     history = stackrnn.lm.History([20.0, 10.0, 8.0], [21.0, 12.0, 9.0], [1.0, 0.2, 0.2])
     stackrnn.lm.plot_history(history, tmp_path / "curves.png")
@@ -203,10 +286,15 @@ def test_plot(tmp_path):
 
 
 def test_bad_arguments(data, getkey):
-    with pytest.raises(ValueError, match="`learning_rate` must be a number > 0"):
+    with pytest.raises(ValueError, match="`learning_rate` must be a finite number > 0"):
         stackrnn.lm.default_optimizer(0)
-    with pytest.raises(ValueError, match="`clip` must be a number > 0"):
+    with pytest.raises(ValueError, match="`clip` must be a finite number > 0"):
         stackrnn.lm.default_optimizer(2.0, -1.0)
+    for value in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="`learning_rate` must be a finite"):
+            stackrnn.lm.default_optimizer(value)
+        with pytest.raises(ValueError, match="`clip` must be a finite number > 0"):
+            stackrnn.lm.default_optimizer(2.0, value)
     with pytest.raises(ValueError, match="`method` must be 'sgd' or 'adam', got 'sdg'"):
         stackrnn.lm.default_optimizer(method="sdg")
     model = tiny_model(data, getkey())

@@ -1,8 +1,13 @@
 """The `stackrnn` command: `stackrnn train` and `stackrnn generate`."""
 
 import argparse
-import hashlib
+import importlib.metadata
+import math
+import pathlib
 import statistics
+import sys
+import tempfile
+import warnings
 
 import equinox as eqx
 import jax
@@ -10,7 +15,7 @@ import jax
 from .._constructors import GRU, LSTM, RNN
 from .._init import NormalInit, OrthogonalInit, PyTorchInit
 from ._checkpoint import Checkpoint
-from ._data import CharData, load_text
+from ._data import CharData, preprocess, UNK
 from ._generate import generate
 from ._lm import RNNLM
 from ._train import default_optimizer, fit, plot_history
@@ -55,6 +60,8 @@ _INITS = dict(
     pytorch=PyTorchInit(), normal=NormalInit(0.01), orthogonal=OrthogonalInit()
 )
 _CURVES = "curves.png"
+# How `generate` prints `<unk>`: preprocessed text has no "?" of its own.
+_UNKNOWN = "?"
 
 
 def _count(minimum):
@@ -72,14 +79,16 @@ def _count(minimum):
     return parse
 
 
-def _number(minimum, *, inclusive=True, below=None):
+def _number(minimum=None, *, inclusive=True, below=None):
     def parse(text):
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-        low = value >= minimum if inclusive else value > minimum
-        if not low or (below is not None and value >= below) or value != value:
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+        low = minimum is None or (value >= minimum if inclusive else value > minimum)
+        if not low or (below is not None and value >= below):
             bound = f"{'>=' if inclusive else '>'} {minimum}"
             if below is not None:
                 bound += f" and < {below}"
@@ -94,16 +103,53 @@ def _parser() -> argparse.ArgumentParser:
         prog="stackrnn",
         description="Train deep recurrent character language models and sample them.",
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {importlib.metadata.version('stackrnn')}",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     # Flags not given stay absent (SUPPRESS), so a resumed run can tell them apart
     # from defaults.
-    train = commands.add_parser(
-        "train",
-        help="train a language model (default: d2l's 2-layer GRU on The Time Machine)",
-        argument_default=argparse.SUPPRESS,
+    _add_train_flags(
+        commands.add_parser(
+            "train",
+            help="train a language model (default: d2l's 2-layer GRU on The Time "
+            "Machine)",
+            argument_default=argparse.SUPPRESS,
+        )
     )
-    add = train.add_argument
+
+    gen = commands.add_parser("generate", help="generate text from a trained model")
+    add = gen.add_argument
+    add("--checkpoint", metavar="DIR", required=True, help="a `train --out` directory")
+    add("--prefix", default="time traveller", help="text to continue (time traveller)")
+    add(
+        "--num-chars",
+        type=_count(0),
+        default=200,
+        help="characters to generate (200)",
+    )
+    add(
+        "--temperature",
+        type=_number(0),
+        default=0.0,
+        help="0 for greedy (d2l's predict), else sample from softmax(logits / T) (0)",
+    )
+    add("--seed", type=_count(0), default=0, help="random seed for sampling (0)")
+    return parser
+
+
+def _add_train_flags(train: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Adds `stackrnn train`'s flags to `train`; returns them by destination, which
+    also checks the hyper-parameters a checkpoint records."""
+    flags = {}
+
+    def add(*names, **options):
+        action = train.add_argument(*names, **options)
+        flags[action.dest] = action
+
     add("--data", metavar="FILE", help="a UTF-8 text file (default: The Time Machine)")
     add("--out", metavar="DIR", default="stackrnn-run", help="output (stackrnn-run)")
     add("--resume", action="store_true", default=False, help="continue --out's run")
@@ -139,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--layer-norm", action="store_true", help="layer-normalised gru/lstm cells")
     add(
         "--forget-bias",
-        type=_number(float("-inf")),
+        type=_number(),
         help="lstm: the forget gate's starting bias (the init's draw)",
     )
     add("--optimizer", choices=("sgd", "adam"), help="after gradient clipping (sgd)")
@@ -162,20 +208,7 @@ def _parser() -> argparse.ArgumentParser:
         help="train data-parallel on this many devices (default: all)",
     )
     add("--quiet", action="store_true", default=False, help="no progress bar")
-
-    gen = commands.add_parser("generate", help="generate text from a trained model")
-    add = gen.add_argument
-    add("--checkpoint", metavar="DIR", required=True, help="a `train --out` directory")
-    add("--prefix", default="time traveller", help="text to continue")
-    add("--num-chars", type=_count(0), default=200, help="characters to generate")
-    add(
-        "--temperature",
-        type=_number(0),
-        default=0.0,
-        help="0 for greedy (d2l's predict), else sample from softmax(logits / T)",
-    )
-    add("--seed", type=_count(0), default=0, help="random seed for sampling")
-    return parser
+    return flags
 
 
 def _build_model(hp: dict, vocab_size: int, key) -> RNNLM:
@@ -205,27 +238,98 @@ def _build_model(hp: dict, vocab_size: int, key) -> RNNLM:
 
 
 def _saved_hyperparameters(saved: Checkpoint) -> dict:
-    return {**_ADDED, **saved.hyperparameters}
+    """The hyper-parameters `saved` records (with the values of options added since
+    its format), each checked as its flag would be: a damaged or foreign record
+    fails here, naming the file, not in the model's constructors."""
+    hp = {**_ADDED, **saved.hyperparameters}
+    record = str(saved.record)
+    missing = sorted((DEFAULTS.keys() | {"data", "sha1"}) - hp.keys())
+    if missing:
+        raise ValueError(
+            f"{record!r} lacks the hyper-parameters {missing}: it was not written by "
+            "`stackrnn train`"
+        )
+    flags = _add_train_flags(argparse.ArgumentParser())
+    for name in DEFAULTS:
+        value, flag = hp[name], flags[name]
+        if flag.nargs == 0:  # a switch
+            problem = None if isinstance(value, bool) else "expected true or false"
+        elif value is None:
+            problem = None if name == "forget_bias" else "expected a value"
+        elif flag.choices is not None:
+            problem = None if value in flag.choices else f"expected {flag.choices}"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            problem = "expected a number"
+        else:
+            try:
+                flag.type(str(value))
+                problem = None
+            except argparse.ArgumentTypeError as e:
+                problem = str(e)
+        if problem is not None:
+            raise ValueError(
+                f"{record!r} is damaged or not a checkpoint: hyper-parameter "
+                f"`{name}` (={value!r}): {problem}"
+            )
+    if not isinstance(hp["sha1"], str) or not isinstance(hp["data"], (str, type(None))):
+        raise ValueError(
+            f"{record!r} is damaged or not a checkpoint: `sha1` must be a string and "
+            "`data` a string or null"
+        )
+    return hp
 
 
 def _new_state(hp: dict, vocab_size: int, key):
     """A freshly initialised `(model, optimizer, opt_state)` for hyper-parameters
     `hp`; also the skeleton a checkpoint is loaded into."""
-    missing = sorted(DEFAULTS.keys() - hp.keys())
-    if missing:
-        raise ValueError(
-            f"the checkpoint's hyper-parameters lack {missing}: it was not written by "
-            "`stackrnn train`"
-        )
     model = _build_model(hp, vocab_size, key)
     optimizer = default_optimizer(hp["lr"], hp["clip"], method=hp["optimizer"])
     return model, optimizer, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
 
+def _check_out(out: str) -> None:
+    """`--out` must be a directory this process can write in, or one it can create:
+    checked before the data and the compilation, which may take minutes."""
+    path = pathlib.Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"`--out` {out!r} is a file; give a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"`--out` {out!r} cannot be created: {str(existing)!r} is a file"
+        )
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ValueError(
+            f"`--out` {out!r} is not writable: cannot write in {str(existing)!r} "
+            f"({e.strerror})"
+        ) from None
+
+
 def _train(args: dict) -> None:
     out, resume, quiet = args.pop("out"), args.pop("resume"), args.pop("quiet")
+    _check_out(out)
+    Checkpoint.remove_stale(out)
     # Not a hyper-parameter: a run may resume on other devices.
     devices = args.pop("devices")
+    if resume and not Checkpoint.exists(out):
+        # A run stopped before its first save: a restart script may always resume.
+        foreign = Checkpoint.foreign_files(out)
+        if foreign:
+            raise ValueError(
+                f"`--out` {out!r} holds no run to resume (no checkpoint.json) "
+                f"but other files ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); choose its run's directory "
+                "or a new one"
+            )
+        print(
+            f"stackrnn train: no run in {out!r} to resume yet; starting a new one",
+            file=sys.stderr,
+        )
+        resume = False
     if resume:
         saved = Checkpoint.read(out)
         saved_hp = _saved_hyperparameters(saved)
@@ -254,27 +358,28 @@ def _train(args: dict) -> None:
         if hp["forget_bias"] is not None and hp["cell"] != "lstm":
             raise ValueError("`--forget-bias` needs `--cell lstm`")
         vocab, history = None, None
-    text = load_text(hp["data"])
-    sha1 = hashlib.sha1(text.encode()).hexdigest()
-    if resume and sha1 != hp["sha1"]:
-        raise ValueError(
-            f"the data (SHA-1 {sha1}) is not the text the checkpoint was trained on "
-            f"(SHA-1 {hp['sha1']})"
-        )
-    hp["sha1"] = sha1
-    data = CharData.from_text(
-        text,
+    data = CharData.from_file(
+        hp["data"],
         num_steps=hp["num_steps"],
         num_train=hp["num_train"],
         num_val=hp["num_val"],
         vocab=vocab,
     )
+    if resume and data.sha1 != hp["sha1"]:
+        raise ValueError(
+            f"the data (SHA-1 {data.sha1}) is not the text the checkpoint was trained "
+            f"on (SHA-1 {hp['sha1']})"
+        )
+    hp["sha1"] = data.sha1
     model_key, train_key = jax.random.split(jax.random.key(hp["seed"]))
     model, optimizer, opt_state = _new_state(hp, len(data.vocab), model_key)
     if resume:
         model, opt_state = saved.load((model, opt_state))
 
+    start = saved_epochs = 0 if history is None else len(history)
+
     def save(model, opt_state, history):
+        nonlocal saved_epochs
         Checkpoint.save(
             out,
             (model, opt_state),
@@ -282,21 +387,31 @@ def _train(args: dict) -> None:
             vocab=data.vocab,
             history=history,
         )
+        saved_epochs = len(history)
 
-    start = 0 if history is None else len(history)
-    model, opt_state, history = fit(
-        model,
-        data,
-        epochs=hp["epochs"],
-        key=train_key,
-        optimizer=optimizer,
-        batch_size=hp["batch_size"],
-        opt_state=opt_state,
-        history=history,
-        on_epoch=save,
-        progress=not quiet,
-        devices=devices,
-    )
+    try:
+        model, opt_state, history = fit(
+            model,
+            data,
+            epochs=hp["epochs"],
+            key=train_key,
+            optimizer=optimizer,
+            batch_size=hp["batch_size"],
+            opt_state=opt_state,
+            history=history,
+            on_epoch=save,
+            progress=not quiet,
+            devices=devices,
+        )
+    except FloatingPointError as e:
+        if saved_epochs:
+            kept = (
+                f"{out!r} keeps epoch {saved_epochs}, the last finite one, which "
+                "`--resume` continues"
+            )
+        else:
+            kept = f"nothing was saved in {out!r}"
+        raise FloatingPointError(f"{e}; {kept}") from None
     if len(history) == start:
         print(f"the run in {out!r} already has {start} epochs; raise --epochs")
         return
@@ -317,16 +432,29 @@ def _generate(args: argparse.Namespace) -> None:
         _saved_hyperparameters(saved), len(saved.vocab), jax.random.key(0)
     )
     model, _ = saved.load((model, opt_state))
-    chars = generate(
-        model,
-        saved.vocab,
-        args.prefix,
-        temperature=args.temperature,
-        key=jax.random.key(args.seed),
-    )
-    print(args.prefix, end="", flush=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chars = generate(
+            model,
+            saved.vocab,
+            args.prefix,
+            temperature=args.temperature,
+            key=jax.random.key(args.seed),
+        )
+    for warning in caught:
+        print(
+            f"stackrnn generate: warning: {warning.message} (printed as {_UNKNOWN!r})",
+            file=sys.stderr,
+        )
+
+    def show(token):
+        return _UNKNOWN if token == UNK else token
+
+    # The prefix as the model reads it: preprocessed, unknown characters as such.
+    read = [saved.vocab.tokens[i] for i in saved.vocab.encode(preprocess(args.prefix))]
+    print("".join(map(show, read)), end="", flush=True)
     for _, char in zip(range(args.num_chars), chars):
-        print(char, end="", flush=True)
+        print(show(char), end="", flush=True)
     print()
 
 
@@ -343,3 +471,5 @@ def main(argv: list[str] | None = None) -> None:
             _generate(args)
     except (ValueError, OSError) as e:
         parser.exit(2, f"stackrnn {command}: error: {e}\n")
+    except FloatingPointError as e:  # the run diverged: not the user's input
+        parser.exit(1, f"stackrnn {command}: error: {e}\n")

@@ -1,6 +1,8 @@
 """Text generation from a language model: greedy (d2l's `predict`) or sampled."""
 
 import itertools
+import math
+import warnings
 from collections.abc import Iterator
 
 import equinox as eqx
@@ -9,7 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
 from .._checks import check_size
-from ._data import preprocess, Vocab
+from ._data import preprocess, UNK, Vocab
 from ._lm import RNNLM
 
 
@@ -27,14 +29,23 @@ def _check(vocab: Vocab, prefix: str, temperature, key) -> str:
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, (int, float))
-        or temperature < 0
+        or not 0 <= temperature < math.inf
     ):
-        raise ValueError(f"`temperature` must be a number >= 0, got {temperature!r}")
+        raise ValueError(
+            f"`temperature` must be a finite number >= 0, got {temperature!r}"
+        )
     if temperature > 0 and key is None:
         raise ValueError("sampling with `temperature` > 0 needs a `key`")
     text = preprocess(prefix)
     if not text.strip():
         raise ValueError(f"`prefix` must contain at least one letter, got {prefix!r}")
+    unknown = sorted(set(text) - set(vocab.tokens))
+    if unknown:
+        warnings.warn(
+            f"`prefix` has characters outside the vocabulary, which the model reads "
+            f"as {UNK!r}: {', '.join(map(repr, unknown))}",
+            stacklevel=3,
+        )
     return text
 
 
@@ -57,9 +68,10 @@ def generate(
     - `model`: the language model.
     - `vocab`: its vocabulary.
     - `prefix`: the text to continue, preprocessed as the training text (lower-case
-      letters and spaces); it must contain a letter.
+      letters and spaces); it must contain a letter. Characters the vocabulary
+      lacks are read as `<unk>`, with a warning naming them.
     - `temperature`: 0 picks the most likely character (greedy, d2l's `predict`);
-      a positive value samples from `softmax(logits / temperature)`.
+      a positive finite value samples from `softmax(logits / temperature)`.
       (Keyword only argument.)
     - `key`: a `jax.random.PRNGKey`, needed when sampling; the `i`-th character uses
       `jax.random.fold_in(key, i)`. (Keyword only argument.)
@@ -95,5 +107,5 @@ def predict(
     `num_preds` generated characters. Arguments as [`stackrnn.lm.generate`][]."""
     check_size("num_preds", num_preds, minimum=0)
     text = _check(vocab, prefix, temperature, key)
-    chars = generate(model, vocab, prefix, temperature=temperature, key=key)
+    chars = _stream(model, vocab, jnp.asarray(vocab.encode(text)), temperature, key)
     return text + "".join(itertools.islice(chars, num_preds))

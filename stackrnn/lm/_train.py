@@ -16,6 +16,7 @@ docs/parallel.md.)
 """
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 
@@ -52,8 +53,12 @@ def default_optimizer(
     `optax.adam` for `method="adam"`.
     """
     for name, value in (("learning_rate", learning_rate), ("clip", clip)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"`{name}` must be a number > 0, got {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 < value < math.inf
+        ):
+            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
     methods = {"sgd": optax.sgd, "adam": optax.adam}
     if method not in methods:
         raise ValueError(f"`method` must be 'sgd' or 'adam', got {method!r}")
@@ -236,6 +241,7 @@ def fit(
     on_epoch: Callable[[RNNLM, PyTree, History], None] | None = None,
     progress: bool = True,
     devices: int | None = None,
+    check_finite: bool = True,
 ) -> tuple[RNNLM, PyTree, History]:
     """Trains a language model for `epochs` epochs, or continues a run up to them.
 
@@ -276,6 +282,12 @@ def fit(
       rounding (the sums are taken in another order). On a CPU, JAX sees one
       device unless told to split it (`JAX_NUM_CPU_DEVICES=N`, see "Training on
       several devices" in the docs). (Keyword only argument.)
+    - `check_finite`: stop with a `FloatingPointError` naming the epoch when its
+      training or validation perplexity is not finite: the loss is NaN, infinite,
+      or above the log of the largest float (the run diverged). That epoch's state
+      is dropped: `on_epoch` has seen every finite epoch and nothing after, so a
+      checkpoint it writes stays the last finite one. With `False`, a diverged run
+      goes on and records `inf`/`nan` perplexities. (Keyword only argument.)
 
     **Returns:**
 
@@ -309,10 +321,19 @@ def fit(
                 batch_size,
                 mesh,
             )
-            train_ppl, val_ppl = np.exp(float(train_loss)), np.exp(float(val_loss))
+            train_loss, val_loss = float(train_loss), float(val_loss)
+            train_ppl, val_ppl = _perplexity(train_loss), _perplexity(val_loss)
+            if check_finite and not (
+                math.isfinite(train_ppl) and math.isfinite(val_ppl)
+            ):
+                raise FloatingPointError(
+                    f"training diverged in epoch {epoch + 1}: the perplexities are "
+                    f"not finite (training loss {train_loss:.6g}, validation loss "
+                    f"{val_loss:.6g}); try a smaller learning rate or gradient clip"
+                )
             seconds = time.perf_counter() - start
-            history.train_ppl.append(float(train_ppl))
-            history.val_ppl.append(float(val_ppl))
+            history.train_ppl.append(train_ppl)
+            history.val_ppl.append(val_ppl)
             history.seconds.append(seconds)
             bar.set_postfix(
                 train_ppl=f"{train_ppl:.2f}",
@@ -323,6 +344,14 @@ def fit(
             if on_epoch is not None:
                 on_epoch(model, opt_state, history)
     return model, opt_state, history
+
+
+def _perplexity(loss: float) -> float:
+    # A finite loss above log(max float) has an infinite perplexity, not an overflow.
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def _mesh(devices: int | None) -> Mesh | None:
