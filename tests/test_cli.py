@@ -51,9 +51,12 @@ def test_train_generate_resume(text_file, tmp_path, capsys):
     assert meta["hyperparameters"]["init"] == "pytorch"
     assert meta["vocab"][:2] == [" ", "<unk>"]
 
-    assert run("generate", "--checkpoint", out, "--num-chars", "20") == 0
+    assert run("generate", "--run", out, "--num-chars", "20") == 0
     text = capsys.readouterr().out
     assert text.startswith("time traveller") and len(text) >= len("time traveller")
+    # The flag's first spelling still works.
+    assert run("generate", "--checkpoint", out, "--num-chars", "20") == 0
+    assert capsys.readouterr().out == text
 
     # Resuming to 3 epochs gives the history of an uninterrupted 3-epoch run.
     assert run("train", "--out", out, "--resume", "--epochs", "3", "--quiet") == 0
@@ -226,7 +229,7 @@ def test_damaged_run_directory(trained, tmp_path, capsys, damage, file, message)
     damage(out)
     for argv in (
         ["train", "--out", out, "--resume", "--epochs", "3", "--quiet"],
-        ["generate", "--checkpoint", out, "--num-chars", "3"],
+        ["generate", "--run", out, "--num-chars", "3"],
     ):
         assert run(*argv) == 2
         err = capsys.readouterr().err
@@ -321,13 +324,13 @@ def test_help_shows_the_defaults(command, capsys):
     if command == "train":
         defaults = DEFAULTS
     else:
-        defaults = vars(_parser().parse_args(["generate", "--checkpoint", "x"]))
+        defaults = vars(_parser().parse_args(["generate", "--run", "x"]))
     shown = 0
     for name, value in defaults.items():
         if (
             value is None
             or isinstance(value, bool)
-            or name in ("command", "checkpoint")
+            or name in ("command", "run")
         ):
             continue  # None: depends on another flag; a switch: off
         text = f"{value:g}" if isinstance(value, float) else str(value)
@@ -358,17 +361,17 @@ def test_rnn_uses_d2ls_init(text_file, tmp_path):
             "--forget-bias: expected a finite number, got -inf",
         ),
         (
-            ["generate", "--checkpoint", "x", "--temperature", "inf"],
+            ["generate", "--run", "x", "--temperature", "inf"],
             "--temperature: expected a finite number, got inf",
         ),
         (["train", "--cell", "tcn"], "--cell: invalid choice: 'tcn'"),
         (["train", "--nope"], "unrecognized arguments: --nope"),
-        (["generate"], "the following arguments are required: --checkpoint"),
+        (["generate"], "the following arguments are required: --run"),
         (
-            ["generate", "--checkpoint", "x", "--temperature", "-0.5"],
+            ["generate", "--run", "x", "--temperature", "-0.5"],
             "--temperature: expected a number >= 0, got -0.5",
         ),
-        (["generate", "--checkpoint", "nowhere"], "no checkpoint in 'nowhere'"),
+        (["generate", "--run", "nowhere"], "no checkpoint in 'nowhere'"),
         ([], "the following arguments are required: command"),
     ],
 )
@@ -396,7 +399,7 @@ def test_data_directory(tmp_path, capsys):
 
 def test_generate_with_unknown_prefix_characters(trained, capsys):
     # The training text has no q, u or z.
-    assert run("generate", "--checkpoint", trained, "--prefix", "The quiz") == 0
+    assert run("generate", "--run", trained, "--prefix", "The quiz") == 0
     out, err = capsys.readouterr()
     assert out.startswith("the ??i?") and "<unk>" not in out
     assert err.count("\n") == 1
@@ -419,10 +422,10 @@ def test_time_machine_from_the_command_line(tmp_path):
 def test_generate_needs_a_train_checkpoint(tmp_path, capsys):
     vocab = stackrnn.lm.Vocab.from_tokens("ab")
     history = stackrnn.lm.History()
-    stackrnn.lm.Checkpoint.save(
+    stackrnn.lm.SavedRun.save(
         tmp_path, {}, hyperparameters={"note": 1}, vocab=vocab, history=history
     )
-    assert run("generate", "--checkpoint", tmp_path) == 2
+    assert run("generate", "--run", tmp_path) == 2
     assert "it was not written by `stackrnn train`" in capsys.readouterr().err
 
 
@@ -465,7 +468,7 @@ def test_checkpoint_from_before_the_optimizer_flag_resumes(text_file, tmp_path):
     path.write_text(json.dumps(meta))
     assert run("train", "--out", out, "--resume", "--epochs", "3", "--quiet") == 0
     assert len(json.loads(path.read_text())["history"]["train_ppl"]) == 3
-    assert run("generate", "--checkpoint", out, "--num-chars", "5") == 0
+    assert run("generate", "--run", out, "--num-chars", "5") == 0
 
 
 def test_regulariser_and_cell_flags(text_file, tmp_path, capsys):
@@ -476,7 +479,7 @@ def test_regulariser_and_cell_flags(text_file, tmp_path, capsys):
         "--residual", "--layer-norm", "--forget-bias", "1", "--init", "orthogonal",
     ]  # fmt: skip
     assert run("train", "--data", text_file, "--out", out, *SMALL, *flags) == 0
-    saved = stackrnn.lm.Checkpoint.read(out)
+    saved = stackrnn.lm.SavedRun.read(out)
     hp = saved.hyperparameters
     model, _, _ = _new_state(hp, len(saved.vocab), jax.random.key(0))
     rnn = model.rnn
@@ -485,7 +488,7 @@ def test_regulariser_and_cell_flags(text_file, tmp_path, capsys):
     assert jax.tree.leaves(rnn.zoneout) == [0.05]
     assert all(isinstance(c, stackrnn.LayerNormLSTMCell) for c in rnn.cells)
     assert hp["init"] == "orthogonal" and hp["forget_bias"] == 1.0
-    assert run("generate", "--checkpoint", out, "--num-chars", "5") == 0
+    assert run("generate", "--run", out, "--num-chars", "5") == 0
     capsys.readouterr()
     for argv, message in [
         (["--cell", "rnn", "--layer-norm"], "`--layer-norm` needs `--cell gru`"),

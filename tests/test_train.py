@@ -140,7 +140,7 @@ def test_resume_is_bit_exact(data, getkey, tmp_path):
     full = stackrnn.lm.fit(model, data, epochs=4, **kwargs)
 
     def save(model, opt_state, history):
-        stackrnn.lm.Checkpoint.save(
+        stackrnn.lm.SavedRun.save(
             tmp_path,
             (model, opt_state),
             hyperparameters={"note": "test"},
@@ -149,7 +149,7 @@ def test_resume_is_bit_exact(data, getkey, tmp_path):
         )
 
     stackrnn.lm.fit(model, data, epochs=2, on_epoch=save, **kwargs)
-    saved = stackrnn.lm.Checkpoint.read(tmp_path)
+    saved = stackrnn.lm.SavedRun.read(tmp_path)
     assert saved.hyperparameters == {"note": "test"}
     assert saved.vocab == data.vocab and len(saved.history) == 2
     like = (model, optimizer.init(eqx.filter(model, eqx.is_inexact_array)))
@@ -177,7 +177,7 @@ def test_checkpoint_files(data, getkey, tmp_path):
         history = stackrnn.lm.History(
             *(f * epochs for f in dataclasses.astuple(history))
         )
-        stackrnn.lm.Checkpoint.save(
+        stackrnn.lm.SavedRun.save(
             tmp_path / "run",
             model,
             hyperparameters={},
@@ -189,14 +189,14 @@ def test_checkpoint_files(data, getkey, tmp_path):
         "checkpoint.json",
         "state-000002.eqx",
     ]
-    saved = stackrnn.lm.Checkpoint.read(tmp_path / "run")
+    saved = stackrnn.lm.SavedRun.read(tmp_path / "run")
     assert saved.history == history
     assert tree_equal(
         eqx.filter(saved.load(tiny_model(data, getkey())), eqx.is_array),
         eqx.filter(model, eqx.is_array),
     )
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        stackrnn.lm.Checkpoint.read(tmp_path)
+        stackrnn.lm.SavedRun.read(tmp_path)
 
 
 def test_divergence_stops_at_the_last_finite_epoch(data, getkey):
@@ -242,7 +242,7 @@ def test_infinite_perplexity_of_a_finite_loss(data, getkey):
 _KILLED_SAVE = """
 import os, sys, stackrnn.lm
 os.replace = lambda *args: os._exit(3)
-stackrnn.lm.Checkpoint.save(sys.argv[1], {}, hyperparameters={},
+stackrnn.lm.SavedRun.save(sys.argv[1], {}, hyperparameters={},
                             vocab=stackrnn.lm.Vocab(("<unk>",)),
                             history=stackrnn.lm.History())
 """
@@ -256,7 +256,7 @@ def test_killed_saves_leave_files_that_remove_stale_removes(tmp_path):
     left = sorted(p.name for p in tmp_path.iterdir())
     assert len(left) == 2 and all(n.startswith(".state-000000.eqx.") for n in left)
     (tmp_path / "mine.txt").write_text("")
-    assert stackrnn.lm.Checkpoint.remove_stale(tmp_path) == left
+    assert stackrnn.lm.SavedRun.remove_stale(tmp_path) == left
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 
 
@@ -265,7 +265,7 @@ def test_saved_files_follow_the_umask(data, getkey, tmp_path, umask):
     model = tiny_model(data, getkey())
     before = os.umask(umask)
     try:
-        stackrnn.lm.Checkpoint.save(
+        stackrnn.lm.SavedRun.save(
             tmp_path,
             model,
             hyperparameters={},

@@ -16,7 +16,6 @@ except ModuleNotFoundError as e:
         name=e.name,
     ) from None
 
-from ._checkpoint import Checkpoint as Checkpoint
 from ._data import (
     CharData as CharData,
     load_text as load_text,
@@ -26,6 +25,7 @@ from ._data import (
 )
 from ._generate import generate as generate, predict as predict
 from ._lm import RNNLM as RNNLM, sequence_loss as sequence_loss
+from ._saved_run import SavedRun as SavedRun
 from ._train import (
     default_optimizer as default_optimizer,
     fit as fit,

@@ -14,10 +14,10 @@ import jax
 
 from .._constructors import GRU, LSTM, RNN
 from .._init import NormalInit, OrthogonalInit, PyTorchInit
-from ._checkpoint import Checkpoint
 from ._data import CharData, preprocess, UNK
 from ._generate import generate
 from ._lm import RNNLM
+from ._saved_run import SavedRun
 from ._train import default_optimizer, fit, plot_history
 
 
@@ -123,7 +123,15 @@ def _parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text from a trained model")
     add = gen.add_argument
-    add("--checkpoint", metavar="DIR", required=True, help="a `train --out` directory")
+    # `--checkpoint` is the flag's first spelling, kept so that old scripts run.
+    add(
+        "--run",
+        "--checkpoint",
+        dest="run",
+        metavar="DIR",
+        required=True,
+        help="a saved run: a `train --out` directory",
+    )
     add("--prefix", default="time traveller", help="text to continue (time traveller)")
     add(
         "--num-chars",
@@ -237,7 +245,7 @@ def _build_model(hp: dict, vocab_size: int, key) -> RNNLM:
     return RNNLM(rnn, vocab_size, embedding=hp["embedding"] > 0, init=init, key=lm_key)
 
 
-def _saved_hyperparameters(saved: Checkpoint) -> dict:
+def _saved_hyperparameters(saved: SavedRun) -> dict:
     """The hyper-parameters `saved` records (with the values of options added since
     its format), each checked as its flag would be: a damaged or foreign record
     fails here, naming the file, not in the model's constructors."""
@@ -312,12 +320,12 @@ def _check_out(out: str) -> None:
 def _train(args: dict) -> None:
     out, resume, quiet = args.pop("out"), args.pop("resume"), args.pop("quiet")
     _check_out(out)
-    Checkpoint.remove_stale(out)
+    SavedRun.remove_stale(out)
     # Not a hyper-parameter: a run may resume on other devices.
     devices = args.pop("devices")
-    if resume and not Checkpoint.exists(out):
+    if resume and not SavedRun.exists(out):
         # A run stopped before its first save: a restart script may always resume.
-        foreign = Checkpoint.foreign_files(out)
+        foreign = SavedRun.foreign_files(out)
         if foreign:
             raise ValueError(
                 f"`--out` {out!r} holds no run to resume (no checkpoint.json) "
@@ -331,7 +339,7 @@ def _train(args: dict) -> None:
         )
         resume = False
     if resume:
-        saved = Checkpoint.read(out)
+        saved = SavedRun.read(out)
         saved_hp = _saved_hyperparameters(saved)
         for name, value in args.items():
             before = saved_hp.get(name)
@@ -343,7 +351,7 @@ def _train(args: dict) -> None:
         hp = {**saved_hp, **args}
         vocab, history = saved.vocab, saved.history
     else:
-        if Checkpoint.exists(out):
+        if SavedRun.exists(out):
             raise ValueError(
                 f"`--out` {out!r} already holds a run; pass --resume to continue it "
                 "or choose another directory"
@@ -380,7 +388,7 @@ def _train(args: dict) -> None:
 
     def save(model, opt_state, history):
         nonlocal saved_epochs
-        Checkpoint.save(
+        SavedRun.save(
             out,
             (model, opt_state),
             hyperparameters=hp,
@@ -427,7 +435,7 @@ def _train(args: dict) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    saved = Checkpoint.read(args.checkpoint)
+    saved = SavedRun.read(args.run)
     model, _, opt_state = _new_state(
         _saved_hyperparameters(saved), len(saved.vocab), jax.random.key(0)
     )

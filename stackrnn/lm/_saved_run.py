@@ -1,4 +1,7 @@
-"""Checkpoints: a directory holding the run's arrays and a small JSON file.
+"""Saved runs: a directory holding the run's arrays and a small JSON file.
+
+("Checkpoint" in this package means rematerialisation, `checkpoint=` of a stack; the
+record keeps its historical file name.)
 
 `checkpoint.json` records the hyper-parameters, the vocabulary, the history and the
 name of the file with the arrays (`state-<epoch>.eqx`, written by
@@ -48,7 +51,7 @@ def _atomic_write(path: pathlib.Path, write) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Checkpoint:
+class SavedRun:
     """What a checkpoint directory records about a run.
 
     **Fields:**
@@ -145,7 +148,7 @@ class Checkpoint:
         return self.directory / _META
 
     @classmethod
-    def read(cls, directory) -> "Checkpoint":
+    def read(cls, directory) -> "SavedRun":
         """Reads the JSON record of the checkpoint in `directory`.
 
         A missing record raises `FileNotFoundError`; a damaged or foreign one (not
