@@ -327,11 +327,7 @@ def test_help_shows_the_defaults(command, capsys):
         defaults = vars(_parser().parse_args(["generate", "--run", "x"]))
     shown = 0
     for name, value in defaults.items():
-        if (
-            value is None
-            or isinstance(value, bool)
-            or name in ("command", "run")
-        ):
+        if value is None or isinstance(value, bool) or name in ("command", "run"):
             continue  # None: depends on another flag; a switch: off
         text = f"{value:g}" if isinstance(value, float) else str(value)
         assert f"({text})" in blocks["--" + name.replace("_", "-")], name
