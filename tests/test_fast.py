@@ -15,7 +15,7 @@ import stackrnn
 from stackrnn._fast import scan_fast, supports
 from stackrnn._layer import scan_reference
 
-from .helpers import Config, configs, fewer, make_cells, tree_allclose, x64
+from .helpers import Config, configs, fewer, make_cells, stack_of, tree_allclose, x64
 
 
 FAST_KINDS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
@@ -110,8 +110,8 @@ def test_stacks_agree_on_both_paths(cfg, seed):
     leaves to the reference), float32: equal to float32 rounding."""
     kc, kx = jr.split(jr.key(seed))
     cells = make_cells(cfg, kc)
-    fast = stackrnn.StackedRNN(cells, fast=True)
-    reference = stackrnn.StackedRNN(cells, fast=False)
+    fast = stack_of(cells, fast=True)
+    reference = stack_of(cells, fast=False)
     xs = jr.normal(kx, (2, cfg.time, cfg.input_size))
 
     def loss(model):
@@ -195,8 +195,8 @@ def test_sequence_options_take_the_reference_path(option, getkey):
     cells = [stackrnn.GRUCell(3, 4, key=getkey())]
     xs = jr.normal(getkey(), (5, 3))
     kwargs = dict(length=3) if option == "length" else dict(resets=jnp.arange(5) == 2)
-    fast = stackrnn.StackedRNN(cells, fast=True)(xs, **kwargs)
-    reference = stackrnn.StackedRNN(cells, fast=False)(xs, **kwargs)
+    fast = stack_of(cells, fast=True)(xs, **kwargs)
+    reference = stack_of(cells, fast=False)(xs, **kwargs)
     assert tree_allclose(fast, reference, rtol=0, atol=0)
 
 
