@@ -73,7 +73,7 @@ class LayerNormGRUCell(AbstractVectorStateCell):
     `bias_hh` do, so the cell has no other biases (`bias_ih` and `bias_hh` are
     `None`).
 
-    Runs on the reference path only (see [`stackrnn.StackedRNN`][]'s `fast`).
+    Runs on the reference path only (see [`stackrnn.AbstractPath`][]).
 
     **Arguments:**
 
@@ -145,7 +145,7 @@ class LayerNormLSTMCell(AbstractLSTMStateCell):
     `bias_ih` and `bias_hh`, so the cell has no other biases (`bias_ih` and
     `bias_hh` are `None`). The memory `c` itself stays unnormalised in the state.
 
-    Runs on the reference path only (see [`stackrnn.StackedRNN`][]'s `fast`).
+    Runs on the reference path only (see [`stackrnn.AbstractPath`][]).
 
     **Arguments:** as [`stackrnn.LayerNormGRUCell`][], plus
 
