@@ -41,7 +41,7 @@ class StackedRNN(eqx.Module):
     The stack is a Python fold over its layers; each layer is a `jax.lax.scan` over
     time. It holds what lies between layers, dropout and residual connections, and
     how time runs (a [`stackrnn.Scan`][]); everything that acts on one cell
-    (recurrent dropout, zoneout, weight drop, layer normalisation, a regulariser of
+    (recurrent dropout, `Zoneout`, weight drop, layer normalisation, a regulariser of
     your own) lives in the cells, as wrapper cells (see
     [`stackrnn.AbstractWrappedCell`][]) or cell variants, so it can differ from layer
     to layer. Dropout is applied to the input of every layer but the first (so
@@ -262,7 +262,7 @@ class StackedRNN(eqx.Module):
           cells get their own key from it (`AbstractCell.for_sequence`). The same
           key draws the same masks. (Keyword only argument.)
         - `inference`: if `True`, no masks: no dropout of any kind, and each
-          wrapper cell's inference step (zoneout's expectation); defaults to the
+          wrapper cell's inference step (`Zoneout`'s expectation); defaults to the
           module's `inference`. (Keyword only argument.)
         - `all_layers`: if `True`, return every layer's outputs instead of the top
           layer's only. (Keyword only argument.)
