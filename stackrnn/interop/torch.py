@@ -390,6 +390,7 @@ def to_torch_module(stack: StackedRNN) -> "torch.nn.RNNBase":
             "PyTorch's RNN modules have no `residual` connections, which change "
             "what the stack computes at inference too; `stack.residual` is True"
         )
+    config = _stack_config(stack)
     for name, cell in _named_cells(stack):
         xs = jnp.zeros((1, cell.input_size))
         runs = jax.eval_shape(
@@ -401,7 +402,6 @@ def to_torch_module(stack: StackedRNN) -> "torch.nn.RNNBase":
                 f"changes what the stack computes at inference too: `{name}` is "
                 "one"
             )
-    config = _stack_config(stack)
     state_dict = to_torch(stack)
     cell = config["cell"]
     kwargs = dict(
