@@ -244,7 +244,7 @@ def _zoneout_loop(cell, hs, state, keeps, backwards):
     for t in range(len(hs) - 1, -1, -1) if backwards else range(len(hs)):
         new = cell(hs[t], state)
         leaves = zip(keeps, jax.tree.leaves(state), jax.tree.leaves(new))
-        mixed = [jnp.where(k[t] != 0, s, n) for k, s, n in leaves]
+        mixed = [jnp.where(k[t], s, n) for k, s, n in leaves]
         state = jax.tree.unflatten(jax.tree.structure(state), mixed)
         out[t] = cell.output(state)
     return jnp.stack(out), state
