@@ -26,7 +26,6 @@ import numpy as np
 
 import stackrnn
 from stackrnn._fast import scan_fast
-from stackrnn._layer import FAST_MIN_HIDDEN
 
 
 # (input I, hidden H, layers L, batch B, time T)
@@ -90,7 +89,9 @@ def _stack(cell, config):
 
 def ours(cell, config, fast):
     i, h, layers, b, t = config
-    stack = stackrnn.StackedRNN(_stack(cell, config).cells, fast=fast)
+    path = stackrnn.Fast() if fast else stackrnn.Reference()
+    scan = stackrnn.Scan(path=path)
+    stack = stackrnn.StackedRNN(_stack(cell, config).cells, scan=scan)
     xs = jax.random.normal(jax.random.key(1), (b, t, i))
 
     def outputs(model, xs):
@@ -279,8 +280,9 @@ def measure(cell, name, repeats):
 
 
 def default_path(name):
-    """The path `fast=None` takes at the config's width."""
-    return "fast" if CONFIGS[name][1] >= FAST_MIN_HIDDEN else "reference"
+    """The path the default policy, `stackrnn.ByWidth()`, takes at the config's
+    width."""
+    return "fast" if CONFIGS[name][1] >= stackrnn.ByWidth().min_hidden else "reference"
 
 
 def ratio(row, a, b):

@@ -18,7 +18,7 @@ times one training epoch of each configuration instead, in one process, the
 configurations alternating, and prints the median of `--repeats` rounds (after one
 compiling round); then the gradient of one batch with weight drop 0.5 drawn once per
 sequence (the stack under `jax.vmap` with a key per sequence) against once per batch
-(`StackedRNN.drop_weights`, as `fit` does), timed the same way.
+(`stackrnn.drop_weights`, as `fit` does), timed the same way.
 """
 
 import argparse
@@ -153,7 +153,7 @@ def time_weight_drop(repeats):
 
     def loss(model, per_batch):
         if per_batch:
-            model = eqx.tree_at(lambda m: m.rnn, model, model.rnn.drop_weights(k4))
+            model = _stackrnn.drop_weights(model, k4)
         loss = lambda a, b, k: _stackrnn.sequence_loss(model, a, b, key=k)  # noqa: E731
         return jax.vmap(loss)(x, y, keys).mean()
 

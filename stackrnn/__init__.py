@@ -22,6 +22,21 @@ from ._norm_cells import (
     LayerNormLSTMCell as LayerNormLSTMCell,
 )
 from ._stack import StackedRNN as StackedRNN
+from ._time import (
+    AbstractPath as AbstractPath,
+    ByWidth as ByWidth,
+    Chunks as Chunks,
+    Fast as Fast,
+    Reference as Reference,
+    Scan as Scan,
+)
+from ._wrapped import (
+    AbstractWrappedCell as AbstractWrappedCell,
+    drop_weights as drop_weights,
+    RecurrentDropout as RecurrentDropout,
+    WeightDrop as WeightDrop,
+    Zoneout as Zoneout,
+)
 
 
 __version__ = importlib.metadata.version("stackrnn")

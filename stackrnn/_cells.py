@@ -9,26 +9,33 @@ layer can instead project every time step at once and scan only `recur`.
 """
 
 import abc
-import math
-from typing import ClassVar, Literal
+from typing import Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._checks import check_key, check_like, check_size, check_vector, is_number
+from ._checks import check_like, check_vector
+from ._gates import (
+    affine,
+    check_forget_bias,
+    check_proj_size,
+    check_sizes,
+    default_float,
+    draw_params,
+    draw_weight_hr,
+    gru_update,
+    lstm_update,
+    tanh,
+    with_forget_bias,
+)
 from ._init import Initializer, PyTorchInit
 
 
 State = (
     Float[Array, " hidden"] | tuple[Float[Array, " output"], Float[Array, " hidden"]]
 )
-
-
-def _default_float():
-    # float64 when the user enabled x64, else float32 (as Equinox's layers do).
-    return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
 class AbstractCell(eqx.Module):
@@ -38,6 +45,10 @@ class AbstractCell(eqx.Module):
     `cell.output(state)` is what the next layer (or the readout) reads. A cell is split
     into `project_input(x)`, which reads only the input, and `recur(gates_x, state)`, so
     a layer can hoist the input projection of every time step out of the time loop.
+
+    Before a layer reads a sequence it asks its cell for the cell to run on it,
+    `for_sequence`: a plain cell runs itself; a wrapper cell (see
+    [`stackrnn.AbstractWrappedCell`][]) draws its masks for the sequence there.
     """
 
     input_size: eqx.AbstractVar[int]
@@ -63,6 +74,45 @@ class AbstractCell(eqx.Module):
     @abc.abstractmethod
     def output(self, state: State) -> Float[Array, " output"]:
         """The layer's output at a step, read from its state."""
+
+    def for_sequence(
+        self,
+        xs: Float[Array, "time input"],
+        *,
+        key: PRNGKeyArray | None,
+        inference: bool,
+        start: Int[Array, ""] | None = None,
+        streaming: bool = False,
+    ) -> tuple["AbstractCell", Float[Array, "time _"]]:
+        """The cell a layer runs over the sequence `xs`, and the inputs it reads.
+
+        A plain cell returns `(self, xs)`. A wrapper cell draws its masks here, once
+        per sequence, from `key`, and returns a cell that applies them; masks that
+        change from step to step may travel with the inputs (appended to `xs`, read
+        back by the returned cell).
+
+        **Arguments:**
+
+        - `xs`: the sequence the layer reads, shape `(time, input_size)`.
+        - `key`: this cell's key for the sequence, `None` when the caller has none;
+          a cell that needs one in training raises a `RuntimeError`.
+          (Keyword only argument.)
+        - `inference`: if `True`, no masks: the cell to run at inference.
+          (Keyword only argument.)
+        - `start`: when `xs` is one chunk of a longer (checkpointed) sequence, the
+          chunk's first step; per-step masks are then drawn from the key folded
+          with it, per-sequence masks from the key itself. (Keyword only argument.)
+        - `streaming`: `True` when `xs` is a single step fed to
+          [`stackrnn.StackedRNN.step`][], whose key changes at every step: a
+          wrapper that holds one mask per sequence raises a `ValueError` in
+          training. (Keyword only argument.)
+
+        **Returns:**
+
+        `(cell, xs)`: the cell to run, and the inputs it reads.
+        """
+        del key, inference, start, streaming
+        return self, xs
 
     def __call__(self, x: Float[Array, " input"], state: State) -> State:
         """One time step.
@@ -106,168 +156,53 @@ class AbstractAffineCell(AbstractCell):
     ) -> State:
         """The new state from the two projections and the previous state."""
 
-    # Whether the affine maps are written `x @ weight.T` rather than `weight @ x`:
-    # the same products, which XLA:CPU compiles differently under `jax.vmap`.
-    _input_first: ClassVar[bool] = False
-
     def project_input(self, x):
-        return _affine(self.weight_ih, x, self.bias_ih, self._input_first)
+        return affine(self.weight_ih, x, self.bias_ih)
 
     def recur(self, gates_x, state):
         h = self.output(state)
-        gates_h = _affine(self.weight_hh, h, self.bias_hh, self._input_first)
+        gates_h = affine(self.weight_hh, h, self.bias_hh)
         return self.pointwise(gates_x, gates_h, state)
 
 
-def _params(init, key, dtype, hidden_size, shapes, bias):
-    """Draws PyTorch's parameters in PyTorch's order, as `(name, value)` pairs;
-    `None` for absent biases."""
-    roles = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-    for role, k in zip(roles, jax.random.split(key, len(roles))):
-        if role.startswith("bias") and not bias:
-            yield role, None
-        else:
-            yield role, init(k, shapes[role], dtype, role=role, hidden_size=hidden_size)
+class AbstractVectorStateCell(AbstractAffineCell):
+    """An affine cell whose state is one vector of `hidden_size`, which is also its
+    output (Elman and GRU cells)."""
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
+    def init_state(self) -> Float[Array, " hidden"]:
+        return jnp.zeros((self.hidden_size,), self.weight_hh.dtype)
+
+    def output(self, state):
+        return state
 
 
-def _affine(weight, x, bias, input_first=False):
-    y = x @ weight.T if input_first else weight @ x
-    return y if bias is None else y + bias
+class AbstractLSTMStateCell(AbstractAffineCell):
+    """An affine cell whose state is an LSTM's `(h, c)`: `h` of `proj_size` entries
+    when `proj_size > 0`, else `hidden_size`, and the memory `c` of `hidden_size`;
+    its output is `h`."""
 
+    proj_size: eqx.AbstractVar[int]
 
-def _weight_hr(init, key, dtype, hidden_size, proj_size):
-    """An LSTM's projection `weight_hr`, or `None` when `proj_size` is 0. Drawn from
-    its own key, split off before the other parameters'."""
-    if not proj_size:
-        return None
-    shape = (proj_size, hidden_size)
-    return init(key, shape, dtype, role="weight_hr", hidden_size=hidden_size)
+    @property
+    def output_size(self) -> int:
+        return self.proj_size or self.hidden_size
 
-
-def _gru_gates(gates_x, gates_h, h):
-    """The GRU's new state, and the gates `r`, `z`, `n` and the projection `h_n`
-    that its derivative reads."""
-    x_r, x_z, x_n = jnp.split(gates_x, 3)
-    h_r, h_z, h_n = jnp.split(gates_h, 3)
-    r = jax.nn.sigmoid(x_r + h_r)
-    z = jax.nn.sigmoid(x_z + h_z)
-    n = jnp.tanh(x_n + r * h_n)
-    return (1 - z) * n + z * h, (r, z, n, h_n)
-
-
-@jax.custom_jvp
-def _gru_update(gates_x, gates_h, h):
-    """PyTorch's GRU update from the two projections, each split r, z, n.
-
-    The derivative is written out so that reverse mode keeps four arrays per step
-    (`r`, `z`, `n`, `h_n`; `h` is kept for `weight_hh`'s gradient anyway) where
-    differentiating the formula kept eight (`1 - z`, `z * (1 - z)`, ...). A layer's
-    scan stacks every kept array over time; at small widths writing those stacks
-    cost more than the arithmetic (the Time Machine experiment's epoch, 2 x 32 GRU:
-    about 10 % faster)."""
-    return _gru_gates(gates_x, gates_h, h)[0]
-
-
-@_gru_update.defjvp
-def _gru_update_jvp(primals, tangents):
-    gates_x, gates_h, h = primals
-    d_gates_x, d_gates_h, d_h = tangents
-    new, (r, z, n, h_n) = _gru_gates(gates_x, gates_h, h)
-    dx_r, dx_z, dx_n = jnp.split(d_gates_x, 3)
-    dh_r, dh_z, dh_n = jnp.split(d_gates_h, 3)
-    # s' = s (1 - s) and tanh' = 1 - n^2, written as products of the tangent with the
-    # kept arrays alone: `1 - s` or `h - n` would each be kept as one more array.
-    a = (dx_r + dh_r) * r
-    d_r = a - a * r
-    b = (dx_z + dh_z) * z
-    d_z = b - b * z
-    c = dx_n + d_r * h_n + r * dh_n
-    d_n = c - c * n * n
-    return new, d_n - z * d_n + z * d_h + h * d_z - n * d_z
-
-
-@jax.custom_jvp
-def _sigmoid(x):
-    """`jax.nn.sigmoid`, whose derivative keeps only its output for the backward pass.
-
-    JAX's own derivative, `s * (1 - s)`, keeps `1 - s` as well. A layer's scan stacks
-    every kept array over time, and at small widths writing those stacks costs more
-    than the arithmetic (see `_gru_update`). With `_tanh`, an LSTM step keeps 6 arrays
-    instead of 11 (2 x 32 LSTM forward and backward: about 15 % faster) and a tanh
-    Elman step 1 instead of 2 (about 10 %)."""
-    return jax.nn.sigmoid(x)
-
-
-@_sigmoid.defjvp
-def _sigmoid_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    s = jax.nn.sigmoid(x)
-    # s' = s (1 - s), as products of the tangent with `s` alone.
-    a = dx * s
-    return s, a - a * s
-
-
-@jax.custom_jvp
-def _tanh(x):
-    """`jnp.tanh`, whose derivative keeps only its output for the backward pass (JAX's
-    keeps `1 - tanh(x)` as well; see `_sigmoid`)."""
-    return jnp.tanh(x)
-
-
-@_tanh.defjvp
-def _tanh_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    t = jnp.tanh(x)
-    return t, dx - dx * t * t
-
-
-def _lstm_memory(gates, c):
-    """The LSTM's new memory `c'` and output gate, from the summed gate
-    pre-activations in the order i, f, g, o."""
-    i, f, g, o = jnp.split(gates, 4)
-    c = _sigmoid(f) * c + _sigmoid(i) * _tanh(g)
-    return c, _sigmoid(o)
-
-
-def _check_config(input_size, hidden_size, key):
-    check_key("key", key)
-    return check_size("input_size", input_size), check_size("hidden_size", hidden_size)
-
-
-def _check_proj_size(proj_size, hidden_size):
-    proj_size = check_size("proj_size", proj_size, minimum=0)
-    if proj_size >= hidden_size:
-        raise ValueError(
-            f"`proj_size` (={proj_size}) must be smaller than `hidden_size` "
-            f"(={hidden_size})"
-        )
-    return proj_size
-
-
-def _check_forget_bias(forget_bias, bias):
-    if forget_bias is None:
-        return
-    if not is_number(forget_bias) or not math.isfinite(forget_bias):
-        raise ValueError(
-            f"`forget_bias` must be a finite number or None, got {forget_bias!r}"
-        )
-    if not bias:
-        raise ValueError(
-            f"`forget_bias` (={forget_bias!r}) needs biases, but `bias` is False"
+    def init_state(self) -> tuple[Float[Array, " output"], Float[Array, " hidden"]]:
+        dtype = self.weight_hh.dtype
+        return (
+            jnp.zeros((self.output_size,), dtype),
+            jnp.zeros((self.hidden_size,), dtype),
         )
 
-
-def _with_forget_bias(bias_ih, bias_hh, hidden_size, forget_bias):
-    """Sets the forget gate's block (rows `hidden_size:2*hidden_size` in the order
-    i, f, g, o) so that `bias_ih + bias_hh` there equals `forget_bias`: all of it on
-    `bias_ih`, zero on `bias_hh`. Unchanged if `forget_bias` is None."""
-    if forget_bias is None:
-        return bias_ih, bias_hh
-    forget = slice(hidden_size, 2 * hidden_size)
-    return bias_ih.at[forget].set(forget_bias), bias_hh.at[forget].set(0)
+    def output(self, state):
+        return state[0]
 
 
-class ElmanCell(AbstractAffineCell):
+class ElmanCell(AbstractVectorStateCell):
     """Elman cell, PyTorch's `nn.RNNCell`:
     `h' = phi(W_ih x + b_ih + W_hh h + b_hh)` with `phi` tanh or relu.
 
@@ -292,12 +227,6 @@ class ElmanCell(AbstractAffineCell):
     hidden_size: int = eqx.field(static=True)
     nonlinearity: Literal["tanh", "relu"] = eqx.field(static=True)
 
-    # Under `jax.vmap`, the mid-sized Elman stack of docs/benchmarks.md ran its
-    # forward and backward pass 1.13x faster with `x @ W^T` than with `W @ x` (the
-    # other sizes and the forward pass alone: within noise); the GRU and the LSTM
-    # were not faster with it.
-    _input_first: ClassVar[bool] = True
-
     def __init__(
         self,
         input_size: int,
@@ -309,36 +238,25 @@ class ElmanCell(AbstractAffineCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        input_size, hidden_size = _check_config(input_size, hidden_size, key)
+        input_size, hidden_size = check_sizes(input_size, hidden_size, key)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(
                 f'`nonlinearity` must be "tanh" or "relu", got {nonlinearity!r}'
             )
-        dtype = _default_float() if dtype is None else dtype
-        h, i = hidden_size, input_size
-        shapes = dict(weight_ih=(h, i), weight_hh=(h, h), bias_ih=(h,), bias_hh=(h,))
-        for name, value in _params(init, key, dtype, hidden_size, shapes, bias):
-            setattr(self, name, value)
+        dtype = default_float() if dtype is None else dtype
+        self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = draw_params(
+            init, key, dtype, hidden_size, 1, input_size, hidden_size, bias
+        )
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.nonlinearity = nonlinearity
 
-    @property
-    def output_size(self) -> int:
-        return self.hidden_size
-
-    def init_state(self) -> Float[Array, " hidden"]:
-        return jnp.zeros((self.hidden_size,), self.weight_hh.dtype)
-
     def pointwise(self, gates_x, gates_h, state):
         pre = gates_x + gates_h
-        return _tanh(pre) if self.nonlinearity == "tanh" else jax.nn.relu(pre)
-
-    def output(self, state):
-        return state
+        return tanh(pre) if self.nonlinearity == "tanh" else jax.nn.relu(pre)
 
 
-class GRUCell(AbstractAffineCell):
+class GRUCell(AbstractVectorStateCell):
     """Gated recurrent unit, PyTorch's `nn.GRUCell`. Gates in the order r, z, n:
 
     ```
@@ -371,35 +289,19 @@ class GRUCell(AbstractAffineCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        input_size, hidden_size = _check_config(input_size, hidden_size, key)
-        dtype = _default_float() if dtype is None else dtype
-        h, i = hidden_size, input_size
-        shapes = dict(
-            weight_ih=(3 * h, i),
-            weight_hh=(3 * h, h),
-            bias_ih=(3 * h,),
-            bias_hh=(3 * h,),
+        input_size, hidden_size = check_sizes(input_size, hidden_size, key)
+        dtype = default_float() if dtype is None else dtype
+        self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = draw_params(
+            init, key, dtype, hidden_size, 3, input_size, hidden_size, bias
         )
-        for name, value in _params(init, key, dtype, hidden_size, shapes, bias):
-            setattr(self, name, value)
         self.input_size = input_size
         self.hidden_size = hidden_size
 
-    @property
-    def output_size(self) -> int:
-        return self.hidden_size
-
-    def init_state(self) -> Float[Array, " hidden"]:
-        return jnp.zeros((self.hidden_size,), self.weight_hh.dtype)
-
     def pointwise(self, gates_x, gates_h, state):
-        return _gru_update(gates_x, gates_h, state)
-
-    def output(self, state):
-        return state
+        return gru_update(gates_x, gates_h, state)
 
 
-class LSTMCell(AbstractAffineCell):
+class LSTMCell(AbstractLSTMStateCell):
     """Long short-term memory, PyTorch's `nn.LSTM` step. Gates in the order i, f, g, o:
 
     ```
@@ -443,48 +345,24 @@ class LSTMCell(AbstractAffineCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        input_size, hidden_size = _check_config(input_size, hidden_size, key)
-        proj_size = _check_proj_size(proj_size, hidden_size)
-        _check_forget_bias(forget_bias, bias)
-        dtype = _default_float() if dtype is None else dtype
-        h, i = hidden_size, input_size
-        out = proj_size or hidden_size
-        shapes = dict(
-            weight_ih=(4 * h, i),
-            weight_hh=(4 * h, out),
-            bias_ih=(4 * h,),
-            bias_hh=(4 * h,),
-        )
+        input_size, hidden_size = check_sizes(input_size, hidden_size, key)
+        proj_size = check_proj_size(proj_size, hidden_size)
+        check_forget_bias(forget_bias, bias)
+        dtype = default_float() if dtype is None else dtype
         key, proj_key = jax.random.split(key)
-        for name, value in _params(init, key, dtype, hidden_size, shapes, bias):
-            setattr(self, name, value)
+        weight_ih, weight_hh, bias_ih, bias_hh = draw_params(
+            init, key, dtype, hidden_size, 4, input_size, proj_size or hidden_size, bias
+        )
         if bias:
-            self.bias_ih, self.bias_hh = _with_forget_bias(
-                self.bias_ih, self.bias_hh, hidden_size, forget_bias
+            bias_ih, bias_hh = with_forget_bias(
+                bias_ih, bias_hh, hidden_size, forget_bias
             )
-        self.weight_hr = _weight_hr(init, proj_key, dtype, hidden_size, proj_size)
+        self.weight_ih, self.weight_hh = weight_ih, weight_hh
+        self.bias_ih, self.bias_hh = bias_ih, bias_hh
+        self.weight_hr = draw_weight_hr(init, proj_key, dtype, hidden_size, proj_size)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.proj_size = proj_size
 
-    @property
-    def output_size(self) -> int:
-        return self.proj_size or self.hidden_size
-
-    def init_state(self) -> tuple[Float[Array, " output"], Float[Array, " hidden"]]:
-        dtype = self.weight_hh.dtype
-        return (
-            jnp.zeros((self.output_size,), dtype),
-            jnp.zeros((self.hidden_size,), dtype),
-        )
-
     def pointwise(self, gates_x, gates_h, state):
-        _, c = state
-        c, o = _lstm_memory(gates_x + gates_h, c)
-        h = o * _tanh(c)
-        if self.weight_hr is not None:
-            h = self.weight_hr @ h
-        return h, c
-
-    def output(self, state):
-        return state[0]
+        return lstm_update(gates_x + gates_h, state, self.weight_hr)

@@ -11,7 +11,7 @@ Time must be outside the layers for that: a fold over layers, each over all step
 would keep every layer's whole output sequence for the backward pass of the layer
 above, whatever happens inside each layer.
 
-Nested chunks (`checkpoint=(c1, c2, ...)`) cut each chunk of `c1` steps into
+Nested chunks (`Chunks(c1, c2, ...)`) cut each chunk of `c1` steps into
 checkpointed chunks of `c2` steps, and so on: the recomputation of an outer chunk
 keeps only its inner chunks' first states. With `k` levels, memory for about
 `k * time ** (1 / (k + 1))` steps, at one more forward pass per level.
@@ -21,60 +21,20 @@ path it would take (the fast path's stored projections are per chunk here).
 When `chunk` does not divide `time`, the last `time % chunk` steps form one shorter
 chunk, run outside the outer scan; nothing is padded.
 
-`call_chunked` runs a unidirectional stack so. A bidirectional stack cannot interleave
-its layers that way (the backward direction of layer `l` reads all of layer `l-1`), so
-`run_direction` checkpoints each direction of each of its layers on its own; without
-chunks, `run_direction` is how any direction runs over a whole sequence.
+`run_chunked` runs a unidirectional stack so, given a function that runs all its
+layers on a chunk. A bidirectional stack cannot interleave its layers that way (the
+backward direction of layer `l` reads all of layer `l-1`), so `run_direction`
+checkpoints each direction of each of its layers on its own; without chunks,
+`run_direction` is how any direction runs over a whole sequence.
 """
-
-import functools
-import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, Bool, Float, Int
 
 from ._cells import AbstractCell, State
-from ._fold import fold_layers
 from ._layer import run_layer
-
-
-if TYPE_CHECKING:
-    from ._stack import StackedRNN
-
-
-def check_checkpoint(value) -> bool | int | tuple[int, ...]:
-    """`value` must be `True`, `False`, a chunk length (an integer >= 1) or a
-    non-empty tuple of chunk lengths, one per level of nesting."""
-    if isinstance(value, bool):
-        return value
-    lengths = value if isinstance(value, tuple) else (value,)
-    expected = (
-        "True, False, a chunk length (an integer >= 1) or a tuple of chunk lengths "
-        "(outermost first)"
-    )
-    if not lengths or not all(
-        isinstance(n, int) and not isinstance(n, bool) for n in lengths
-    ):
-        raise TypeError(f"`checkpoint` must be {expected}, got {value!r}")
-    if min(lengths) < 1:
-        raise ValueError(f"`checkpoint`'s chunk lengths must be >= 1, got {value!r}")
-    return value
-
-
-def chunk_lengths(
-    checkpoint: bool | int | tuple[int, ...], time: int
-) -> tuple[int, ...] | None:
-    """The chunk lengths, outermost first, for a sequence of `time` steps: `None`
-    without checkpointing, `(ceil(sqrt(time)),)` for `True`, else `checkpoint`
-    itself as a tuple."""
-    if checkpoint is False:
-        return None
-    if checkpoint is True:
-        return (math.isqrt(time - 1) + 1,)
-    return checkpoint if isinstance(checkpoint, tuple) else (checkpoint,)
+from ._time import Scan
 
 
 def scan_chunks(run, carry, xs, *, chunks, reverse, offset=0):
@@ -190,22 +150,22 @@ def run_chunked(layers, inputs, states, fresh, *, chunks, reverse, length, reset
 
 
 def run_direction(
-    stack: "StackedRNN",
     cell: AbstractCell,
     xs: Float[Array, "time input"],
     state: State,
     direction: int,
     *,
+    scan: Scan,
     chunks: tuple[int, ...] | None,
     length: Int[Array, ""] | int | None,
     resets: Bool[Array, " time"] | None,
 ) -> tuple[Float[Array, "time output"], State]:
-    """One direction of one layer of `stack` over the whole of `xs`, through
-    `run_layer` with the stack's `unroll` and `fast`: backwards for `direction=1`
-    or a `reverse` stack. With `chunks` (not `None`), checkpointed on its own, as
-    the layers of a bidirectional stack are: `xs` then already carries every mask
-    the direction reads. Returns `(ys, final_state)`."""
-    reverse = stack.reverse or direction == 1
+    """One direction of one layer over the whole of `xs`, through `run_layer` with
+    `scan`'s `unroll` and `path`: backwards for `direction=1` or a `scan.reverse`
+    stack. With `chunks` (not `None`), checkpointed on its own, as the layers of a
+    bidirectional stack are: `xs` then already carries every mask the direction
+    reads. Returns `(ys, final_state)`."""
+    reverse = scan.reverse or direction == 1
 
     def run(hs, layer_state, run_length, run_resets):
         return run_layer(
@@ -213,10 +173,10 @@ def run_direction(
             hs,
             layer_state,
             reverse=reverse,
-            unroll=stack.unroll,
+            unroll=scan.unroll,
             length=run_length,
             resets=run_resets,
-            fast=stack.fast,
+            path=scan.path,
         )
 
     if chunks is None:
@@ -238,49 +198,3 @@ def run_direction(
         resets=resets,
     )
     return ys, final
-
-
-def call_chunked(
-    stack: "StackedRNN",
-    inputs: PyTree,
-    state: PyTree,
-    chunks: tuple[int, ...],
-    length: Int[Array, ""] | int | None,
-    resets: Bool[Array, " time"] | None,
-    keys: tuple[PRNGKeyArray, list[list[PRNGKeyArray]]] | None,
-    inference: bool,
-    *,
-    encode: Callable[[PyTree], Float[Array, "time input"]],
-    decode: Callable[[list[Float[Array, "time _"]], PyTree], PyTree],
-) -> tuple[PyTree, PyTree]:
-    """A unidirectional `stack` over `inputs`, checkpointed: the chunks of time
-    outside, all layers inside each chunk (`fold_layers`). Within a chunk,
-    `encode(inputs_chunk)` gives the bottom layer's inputs and
-    `decode(outputs, inputs_chunk)`, `outputs` being every layer's outputs, what
-    the chunk returns. `state` is the stack's, structured as its `init_state()`;
-    `keys` the masks' keys (`mask_keys`).
-
-    Returns `(decoded, state)`: the chunks' decoded values joined along time, and
-    the final state.
-    """
-
-    def layers(piece, layer_states, start, chunk_length, chunk_resets):
-        run = functools.partial(
-            run_direction, stack, chunks=None, length=chunk_length, resets=chunk_resets
-        )
-        outputs, finals = fold_layers(
-            stack, encode(piece), layer_states, keys, inference, run, start=start
-        )
-        return decode(outputs, piece), finals
-
-    decoded, finals = run_chunked(
-        layers,
-        inputs,
-        stack._split(state),
-        [cell.init_state() for cell in stack.cells],
-        chunks=chunks,
-        reverse=stack.reverse,
-        length=length,
-        resets=resets,
-    )
-    return decoded, stack._join(finals)

@@ -1,5 +1,5 @@
-"""A stack's configuration: which cells form each layer, and the checks
-`StackedRNN.__init__` runs on its arguments.
+"""A stack's layout (which cells form each layer, how the states of all layers join
+into one PyTree) and the checks `StackedRNN.__init__` runs on its arguments.
 
 Each check names the argument, what was expected and what arrived; options that would
 have no effect (dropout, variational dropout or residual connections on a single layer)
@@ -8,12 +8,13 @@ only warn.
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
-from ._cells import AbstractCell
-from ._checks import check_probability, check_size
-from ._chunked import check_checkpoint
-from ._regularise import check_affine, check_zoneout
+import jax
+import jax.numpy as jnp
+
+from ._cells import AbstractCell, State
+from ._checks import check_probability
+from ._time import Scan
 
 
 def layer_cells(
@@ -36,6 +37,27 @@ def layer_output_size(
     return sum(cell.output_size for cell in layer_cells(cells, backward_cells, layer))
 
 
+def _stackable(cells: Sequence[AbstractCell]) -> bool:
+    # Layers whose states share shapes are stacked on a leading axis (L, H);
+    # otherwise the state is a tuple with one entry per layer.
+    shapes = [jax.tree.map(jnp.shape, jax.eval_shape(c.init_state)) for c in cells]
+    return all(s == shapes[0] for s in shapes)
+
+
+def join_states(cells: Sequence[AbstractCell], states: Sequence[State]):
+    """The states of `cells` (one each, in order) as one PyTree."""
+    if _stackable(cells):
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    return tuple(states)
+
+
+def split_state(cells: Sequence[AbstractCell], state) -> list[State]:
+    """The inverse of `join_states`."""
+    if _stackable(cells):
+        return [jax.tree.map(lambda s: s[i], state) for i in range(len(cells))]
+    return list(state)
+
+
 def check_cells(name: str, cells) -> tuple[AbstractCell, ...]:
     """`cells` must be a non-empty sequence of cells; returns it as a tuple."""
     cells = tuple(cells)
@@ -50,24 +72,13 @@ def check_cells(name: str, cells) -> tuple[AbstractCell, ...]:
     return cells
 
 
-def check_config(
-    cells,
-    backward_cells,
-    *,
-    dropout,
-    variational,
-    recurrent_dropout,
-    zoneout,
-    weight_drop,
-    residual,
-    unroll,
-    reverse,
-    fast,
-    checkpoint,
-) -> dict[str, Any]:
-    """Checks the arguments of `StackedRNN.__init__` but `inference`, and returns
-    them by name as the stack's fields: the cells as tuples, the rates as floats.
-    Its warnings point at `StackedRNN.__init__`'s caller."""
+def check_layers(cells, backward_cells, scan):
+    """The cells and backward cells as tuples, each layer reading the one below;
+    `scan` must be a `Scan`, not reversed when bidirectional."""
+    if not isinstance(scan, Scan):
+        raise TypeError(
+            f"`scan` must be a `stackrnn.Scan`, e.g. `Scan(reverse=True)`, got {scan!r}"
+        )
     cells = check_cells("cells", cells)
     if backward_cells is not None:
         backward_cells = check_cells("backward_cells", backward_cells)
@@ -83,7 +94,7 @@ def check_config(
                     f"equal `cells[{i}].input_size` (={f.input_size}), since "
                     "both directions read the same input"
                 )
-        if reverse:
+        if scan.reverse:
             raise ValueError(
                 "`reverse=True` applies to unidirectional stacks only; a "
                 "bidirectional stack (`backward_cells` given) already reads both "
@@ -99,6 +110,13 @@ def check_config(
                 f"`cells[{i}].input_size` (={cells[i].input_size}) must equal "
                 f"{below} (={size}), since layer l reads the output of layer l-1"
             )
+    return cells, backward_cells
+
+
+def check_between(cells, backward_cells, dropout, variational, residual) -> float:
+    """What lies between layers: `dropout` a probability (returned as a float),
+    `variational` and `residual` bools, residual layers as wide as their input.
+    Its warnings point at `StackedRNN.__init__`'s caller."""
     rate = check_probability("dropout", dropout)
     # `stacklevel=3`: past this function and `StackedRNN.__init__`.
     if rate > 0 and len(cells) == 1:
@@ -116,14 +134,6 @@ def check_config(
             "dropout between layers draw one mask per sequence",
             stacklevel=3,
         )
-    named = [(f"cells[{i}]", c) for i, c in enumerate(cells)]
-    backward = backward_cells or ()
-    named += [(f"backward_cells[{i}]", c) for i, c in enumerate(backward)]
-    recurrent_dropout = check_probability("recurrent_dropout", recurrent_dropout)
-    check_affine("recurrent_dropout", recurrent_dropout, named)
-    weight_drop = check_probability("weight_drop", weight_drop)
-    check_affine("weight_drop", weight_drop, named)
-    zoneout = check_zoneout(zoneout, named)
     if residual:
         for i in range(1, len(cells)):
             size = layer_output_size(cells, backward_cells, i)
@@ -140,22 +150,4 @@ def check_config(
                 "connections skip layers 2..L",
                 stacklevel=3,
             )
-    unroll = check_size("unroll", unroll)
-    if not isinstance(reverse, bool):
-        raise TypeError(f"`reverse` must be a bool, got {reverse!r}")
-    if fast is not None and not isinstance(fast, bool):
-        raise TypeError(f"`fast` must be True, False or None, got {fast!r}")
-    return dict(
-        cells=cells,
-        backward_cells=backward_cells,
-        dropout=rate,
-        variational=variational,
-        recurrent_dropout=recurrent_dropout,
-        zoneout=zoneout,
-        weight_drop=weight_drop,
-        residual=residual,
-        unroll=unroll,
-        reverse=reverse,
-        fast=fast,
-        checkpoint=check_checkpoint(checkpoint),
-    )
+    return rate

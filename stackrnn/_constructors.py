@@ -1,20 +1,21 @@
 """One-line constructors `RNN`, `GRU` and `LSTM`, argued like `torch.nn.GRU`."""
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 from jaxtyping import PRNGKeyArray
 
 from ._cells import AbstractCell, ElmanCell, GRUCell, LSTMCell
-from ._checks import check_key, check_size
+from ._checks import check_key, check_probability, check_size
 from ._init import Initializer, PyTorchInit
 from ._norm_cells import LayerNormGRUCell, LayerNormLSTMCell
 from ._stack import StackedRNN
+from ._time import AbstractPath, ByWidth, Chunks, Scan
+from ._wrapped import RecurrentDropout, WeightDrop, Zoneout
 
 
-def _widths(hidden_size, num_layers) -> tuple[int, ...]:
-    num_layers = check_size("num_layers", num_layers)
+def _widths(hidden_size, num_layers: int) -> tuple[int, ...]:
     if isinstance(hidden_size, Sequence):
         widths = tuple(hidden_size)
         if len(widths) != num_layers:
@@ -31,32 +32,57 @@ def _check_layer_norm(layer_norm):
         raise TypeError(f"`layer_norm` must be a bool, got {layer_norm!r}")
 
 
-def _build(
-    make: Callable[..., AbstractCell],
-    input_size,
-    hidden_size,
-    num_layers,
-    bidirectional,
-    key,
-    **options,
-) -> StackedRNN:
-    check_key("key", key)
-    input_size = check_size("input_size", input_size)
-    widths = _widths(hidden_size, num_layers)
+def _wrap(cell: AbstractCell, options: dict[str, Any]) -> AbstractCell:
+    """`cell` in the wrappers its one-liner's rates ask for, innermost first."""
+    if options["weight_drop"]:
+        cell = WeightDrop(cell, options["weight_drop"])
+    if options["recurrent_dropout"]:
+        cell = RecurrentDropout(cell, options["recurrent_dropout"])
+    zoneout = options["zoneout"]
+    if any(zoneout) if isinstance(zoneout, tuple) else zoneout:
+        cell = Zoneout(cell, zoneout)
+    return cell
+
+
+def _build(make: Callable[..., AbstractCell], options: dict[str, Any]) -> StackedRNN:
+    """The stack a one-liner's `options` (its arguments by name) describe, its cells
+    from `make(input_size, width, key=key)`."""
+    check_key("key", options["key"])
+    input_size = check_size("input_size", options["input_size"])
+    num_layers = check_size("num_layers", options["num_layers"])
+    bidirectional = options["bidirectional"]
+    widths = _widths(options["hidden_size"], num_layers)
     if not isinstance(bidirectional, bool):
         raise TypeError(f"`bidirectional` must be a bool, got {bidirectional!r}")
+    # Checked here as well as by the wrappers, for messages in the one-liner's names.
+    for name in ("recurrent_dropout", "weight_drop"):
+        check_probability(name, options[name])
+    zoneout = options["zoneout"]
+    for i, p in enumerate(zoneout if isinstance(zoneout, tuple) else (zoneout,)):
+        check_probability(
+            f"zoneout[{i}]" if isinstance(zoneout, tuple) else "zoneout", p
+        )
     cells, backward_cells = [], []
-    for width, k in zip(widths, jax.random.split(key, num_layers)):
+    for width, k in zip(widths, jax.random.split(options["key"], num_layers)):
         if bidirectional:
             k, k_backward = jax.random.split(k)
-            backward_cells.append(make(input_size, width, key=k_backward))
+            backward_cells.append(
+                _wrap(make(input_size, width, key=k_backward), options)
+            )
         cell = make(input_size, width, key=k)
-        cells.append(cell)
+        cells.append(_wrap(cell, options))
         input_size = cell.output_size * (2 if bidirectional else 1)
     return StackedRNN(
         cells,
         backward_cells=backward_cells if bidirectional else None,
-        **options,
+        dropout=options["dropout"],
+        variational=options["variational"],
+        residual=options["residual"],
+        scan=Scan(
+            unroll=options["unroll"],
+            path=options["path"],
+            checkpoint=Chunks.from_flag(options["checkpoint"]),
+        ),
     )
 
 
@@ -76,7 +102,8 @@ def RNN(
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
     bidirectional: bool = False,
-    checkpoint: bool | int | tuple[int, ...] = False,
+    checkpoint: bool | int | tuple[int, ...] | Chunks = False,
+    path: AbstractPath = ByWidth(),
     dtype=None,
     key: PRNGKeyArray,
 ) -> StackedRNN:
@@ -112,28 +139,14 @@ def RNN(
 
     A [`stackrnn.StackedRNN`][].
     """
+    options = dict(locals())
 
     def make(i, h, *, key):
         return ElmanCell(
             i, h, nonlinearity=nonlinearity, bias=bias, init=init, dtype=dtype, key=key
         )
 
-    return _build(
-        make,
-        input_size,
-        hidden_size,
-        num_layers,
-        bidirectional,
-        key,
-        dropout=dropout,
-        variational=variational,
-        recurrent_dropout=recurrent_dropout,
-        zoneout=zoneout,
-        weight_drop=weight_drop,
-        residual=residual,
-        unroll=unroll,
-        checkpoint=checkpoint,
-    )
+    return _build(make, options)
 
 
 def GRU(
@@ -152,7 +165,8 @@ def GRU(
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
     bidirectional: bool = False,
-    checkpoint: bool | int | tuple[int, ...] = False,
+    checkpoint: bool | int | tuple[int, ...] | Chunks = False,
+    path: AbstractPath = ByWidth(),
     dtype=None,
     key: PRNGKeyArray,
 ) -> StackedRNN:
@@ -160,28 +174,14 @@ def GRU(
     without `nonlinearity`, plus `layer_norm` (keyword only): if `True`, the cells
     are [`stackrnn.LayerNormGRUCell`][]s, and `bias` says whether their
     normalisations have shifts."""
+    options = dict(locals())
     _check_layer_norm(layer_norm)
     cell = LayerNormGRUCell if layer_norm else GRUCell
 
     def make(i, h, *, key):
         return cell(i, h, bias=bias, init=init, dtype=dtype, key=key)
 
-    return _build(
-        make,
-        input_size,
-        hidden_size,
-        num_layers,
-        bidirectional,
-        key,
-        dropout=dropout,
-        variational=variational,
-        recurrent_dropout=recurrent_dropout,
-        zoneout=zoneout,
-        weight_drop=weight_drop,
-        residual=residual,
-        unroll=unroll,
-        checkpoint=checkpoint,
-    )
+    return _build(make, options)
 
 
 def LSTM(
@@ -202,7 +202,8 @@ def LSTM(
     init: Initializer = PyTorchInit(),
     unroll: int = 1,
     bidirectional: bool = False,
-    checkpoint: bool | int | tuple[int, ...] = False,
+    checkpoint: bool | int | tuple[int, ...] | Chunks = False,
+    path: AbstractPath = ByWidth(),
     dtype=None,
     key: PRNGKeyArray,
 ) -> StackedRNN:
@@ -212,6 +213,7 @@ def LSTM(
     none; and `forget_bias`: the forget gate's starting bias in every cell, `None`
     to leave the initialiser's draw (see [`stackrnn.LSTMCell`][]). The state is a
     tuple `(h, c)`."""
+    options = dict(locals())
     _check_layer_norm(layer_norm)
     cell = LayerNormLSTMCell if layer_norm else LSTMCell
 
@@ -227,19 +229,4 @@ def LSTM(
             key=key,
         )
 
-    return _build(
-        make,
-        input_size,
-        hidden_size,
-        num_layers,
-        bidirectional,
-        key,
-        dropout=dropout,
-        variational=variational,
-        recurrent_dropout=recurrent_dropout,
-        zoneout=zoneout,
-        weight_drop=weight_drop,
-        residual=residual,
-        unroll=unroll,
-        checkpoint=checkpoint,
-    )
+    return _build(make, options)

@@ -13,9 +13,9 @@ For a cell whose step is `pointwise(W_ih x_t + b_ih, W_hh h_{t-1} + b_hh, s_{t-1
   with `batch` rows at half of it. At widths of 256 and below it was slower: under
   `jax.vmap` the projected gates are transposed to time-major order for the loop,
   and at those widths that copy costs more than the products save; the default
-  `fast=None` keeps such layers on the reference path.) The loop reads the projected
-  gates as one array per gate (`_by_gate`), which XLA:CPU's elementwise kernels read
-  faster than slices of one array.
+  path policy, `ByWidth()`, keeps such layers on the reference path.) The loop
+  reads the projected gates as one array per gate (`_by_gate`), which XLA:CPU's
+  elementwise kernels read faster than slices of one array.
 - backward: a reverse scan computes the gradients of the gate pre-activations,
   `dGX_t` and `dGH_t`, and the state gradient, nothing else; the weight and bias
   gradients are then single matrix products over all time steps and examples,

@@ -10,13 +10,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from ._cells import AbstractCell, State
-from ._fast import scan_fast, supports
-
-
-# Below this width the reference path's backward pass (per-step weight-gradient
-# products, fewer stored arrays) measured faster on CPU than the fast path's
-# (docs/benchmarks.md); from it on, single products over all steps win.
-FAST_MIN_HIDDEN = 512
+from ._fast import scan_fast
+from ._time import AbstractPath, ByWidth
 
 
 def scan_reference(
@@ -98,16 +93,13 @@ def run_layer(
     unroll=1,
     length=None,
     resets=None,
-    fast=None,
+    path: AbstractPath = ByWidth(),
 ):
     """Runs one layer; the stack's only way to do so. Same contract as
-    `scan_reference`. With `fast=True` a cell that the fast path supports (see
-    `stackrnn._fast`) takes it, unless `length` or `resets` is given: those options
-    exist on the reference path only, which is then taken. `fast=None` decides by
-    width: the fast path for `hidden_size >= FAST_MIN_HIDDEN`."""
-    if fast is None:
-        fast = cell.hidden_size >= FAST_MIN_HIDDEN
-    if fast and length is None and resets is None and supports(cell):
+    `scan_reference`. `path` chooses the path for `cell` (see
+    [`stackrnn.AbstractPath`][]); with `length` or `resets`, which exist on the
+    reference path only, that path is taken."""
+    if length is None and resets is None and path.choose(cell) == "fast":
         return scan_fast(cell, xs, state, reverse=reverse, unroll=unroll)
     return scan_reference(
         cell, xs, state, reverse=reverse, unroll=unroll, length=length, resets=resets

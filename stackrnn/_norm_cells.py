@@ -23,23 +23,21 @@ import math
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._cells import (
-    _check_config,
-    _check_forget_bias,
-    _check_proj_size,
-    _default_float,
-    _gru_update,
-    _lstm_memory,
-    _params,
-    _tanh,
-    _weight_hr,
-    _with_forget_bias,
-    AbstractAffineCell,
-)
+from ._cells import AbstractLSTMStateCell, AbstractVectorStateCell
 from ._checks import is_number
+from ._gates import (
+    check_forget_bias,
+    check_proj_size,
+    check_sizes,
+    default_float,
+    draw_params,
+    draw_weight_hr,
+    gru_update,
+    lstm_update,
+    with_forget_bias,
+)
 from ._init import Initializer, PyTorchInit
 
 
@@ -53,7 +51,7 @@ def _norm(size, eps, bias, dtype) -> eqx.nn.LayerNorm:
     return eqx.nn.LayerNorm(size, eps=eps, use_bias=bias, dtype=dtype)
 
 
-class LayerNormGRUCell(AbstractAffineCell):
+class LayerNormGRUCell(AbstractVectorStateCell):
     """Layer-normalised GRU: PyTorch's [`stackrnn.GRUCell`][] with each projection
     normalised over its three gates (Ba et al., 2016). Gates in the order r, z, n:
 
@@ -73,7 +71,7 @@ class LayerNormGRUCell(AbstractAffineCell):
     `bias_hh` do, so the cell has no other biases (`bias_ih` and `bias_hh` are
     `None`).
 
-    Runs on the reference path only (see [`stackrnn.StackedRNN`][]'s `fast`).
+    Runs on the reference path only (see [`stackrnn.AbstractPath`][]).
 
     **Arguments:**
 
@@ -111,33 +109,23 @@ class LayerNormGRUCell(AbstractAffineCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        input_size, hidden_size = _check_config(input_size, hidden_size, key)
+        input_size, hidden_size = check_sizes(input_size, hidden_size, key)
         eps = _check_eps(eps)
-        dtype = _default_float() if dtype is None else dtype
-        h, i = hidden_size, input_size
-        shapes = dict(weight_ih=(3 * h, i), weight_hh=(3 * h, h))
-        for name, value in _params(init, key, dtype, hidden_size, shapes, bias=False):
-            setattr(self, name, value)
+        dtype = default_float() if dtype is None else dtype
+        h = hidden_size
+        self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = draw_params(
+            init, key, dtype, h, 3, input_size, h, bias=False
+        )
         self.norm_ih = _norm(3 * h, eps, bias, dtype)
         self.norm_hh = _norm(3 * h, eps, bias, dtype)
         self.input_size = input_size
         self.hidden_size = hidden_size
 
-    @property
-    def output_size(self) -> int:
-        return self.hidden_size
-
-    def init_state(self) -> Float[Array, " hidden"]:
-        return jnp.zeros((self.hidden_size,), self.weight_hh.dtype)
-
     def pointwise(self, gates_x, gates_h, state):
-        return _gru_update(self.norm_ih(gates_x), self.norm_hh(gates_h), state)
-
-    def output(self, state):
-        return state
+        return gru_update(self.norm_ih(gates_x), self.norm_hh(gates_h), state)
 
 
-class LayerNormLSTMCell(AbstractAffineCell):
+class LayerNormLSTMCell(AbstractLSTMStateCell):
     """Layer-normalised LSTM, eqs. 20-22 of Ba et al. (2016) in PyTorch's layout:
     gates in the order i, f, g, o,
 
@@ -155,7 +143,7 @@ class LayerNormLSTMCell(AbstractAffineCell):
     `bias_ih` and `bias_hh`, so the cell has no other biases (`bias_ih` and
     `bias_hh` are `None`). The memory `c` itself stays unnormalised in the state.
 
-    Runs on the reference path only (see [`stackrnn.StackedRNN`][]'s `fast`).
+    Runs on the reference path only (see [`stackrnn.AbstractPath`][]).
 
     **Arguments:** as [`stackrnn.LayerNormGRUCell`][], plus
 
@@ -192,23 +180,23 @@ class LayerNormLSTMCell(AbstractAffineCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        input_size, hidden_size = _check_config(input_size, hidden_size, key)
-        proj_size = _check_proj_size(proj_size, hidden_size)
-        _check_forget_bias(forget_bias, bias)
+        input_size, hidden_size = check_sizes(input_size, hidden_size, key)
+        proj_size = check_proj_size(proj_size, hidden_size)
+        check_forget_bias(forget_bias, bias)
         eps = _check_eps(eps)
-        dtype = _default_float() if dtype is None else dtype
-        h, i = hidden_size, input_size
-        shapes = dict(weight_ih=(4 * h, i), weight_hh=(4 * h, proj_size or h))
+        dtype = default_float() if dtype is None else dtype
+        h = hidden_size
         key, proj_key = jax.random.split(key)
-        for name, value in _params(init, key, dtype, hidden_size, shapes, bias=False):
-            setattr(self, name, value)
-        self.weight_hr = _weight_hr(init, proj_key, dtype, hidden_size, proj_size)
+        self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh = draw_params(
+            init, key, dtype, h, 4, input_size, proj_size or h, bias=False
+        )
+        self.weight_hr = draw_weight_hr(init, proj_key, dtype, h, proj_size)
         norm_ih, norm_hh = (
             _norm(4 * h, eps, bias, dtype),
             _norm(4 * h, eps, bias, dtype),
         )
         if bias:
-            shifts = _with_forget_bias(norm_ih.bias, norm_hh.bias, h, forget_bias)
+            shifts = with_forget_bias(norm_ih.bias, norm_hh.bias, h, forget_bias)
             norm_ih, norm_hh = eqx.tree_at(
                 lambda norms: (norms[0].bias, norms[1].bias), (norm_ih, norm_hh), shifts
             )
@@ -218,24 +206,6 @@ class LayerNormLSTMCell(AbstractAffineCell):
         self.hidden_size = hidden_size
         self.proj_size = proj_size
 
-    @property
-    def output_size(self) -> int:
-        return self.proj_size or self.hidden_size
-
-    def init_state(self) -> tuple[Float[Array, " output"], Float[Array, " hidden"]]:
-        dtype = self.weight_hh.dtype
-        return (
-            jnp.zeros((self.output_size,), dtype),
-            jnp.zeros((self.hidden_size,), dtype),
-        )
-
     def pointwise(self, gates_x, gates_h, state):
-        _, c = state
-        c, o = _lstm_memory(self.norm_ih(gates_x) + self.norm_hh(gates_h), c)
-        h = o * _tanh(self.norm_c(c))
-        if self.weight_hr is not None:
-            h = self.weight_hr @ h
-        return h, c
-
-    def output(self, state):
-        return state[0]
+        gates = self.norm_ih(gates_x) + self.norm_hh(gates_h)
+        return lstm_update(gates, state, self.weight_hr, squash=self.norm_c)

@@ -1,6 +1,5 @@
 """`StackedRNN`: a tuple of cells folded over layers, each layer scanned over time."""
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -18,10 +17,17 @@ from ._checks import (
     check_transduce,
     check_vector,
 )
-from ._chunked import call_chunked, chunk_lengths, run_direction
-from ._config import check_config, layer_cells, layer_output_size
-from ._fold import fold_layers
-from ._regularise import check_step, drop_weight, mask_keys
+from ._chunked import run_chunked, run_direction
+from ._config import (
+    check_between,
+    check_layers,
+    join_states,
+    layer_cells,
+    layer_output_size,
+    split_state,
+)
+from ._fold import fold_layers, layer_dropout, split_keys
+from ._time import Scan
 
 
 StackState = PyTree[Float[Array, "layers ..."]]
@@ -34,11 +40,13 @@ class StackedRNN(eqx.Module):
     `H_t^(l) = cell_l(H_t^(l-1), H_{t-1}^(l))`, with `H_t^(0) = x_t`.
 
     The stack is a Python fold over its layers; each layer is a `jax.lax.scan` over
-    time. Dropout is applied to the input of every layer but the first (so between
-    layers, never to the top layer's output), only when `inference=False`. The other
-    regularisers (variational and recurrent dropout, zoneout, weight drop, residual
-    connections) are off by default; the regularisation page of the docs describes
-    them.
+    time. It holds what lies between layers, dropout and residual connections, and
+    how time runs (a [`stackrnn.Scan`][]); everything that acts on one cell
+    (recurrent dropout, `Zoneout`, weight drop, layer normalisation, a regulariser of
+    your own) lives in the cells, as wrapper cells (see
+    [`stackrnn.AbstractWrappedCell`][]) or cell variants, so it can differ from layer
+    to layer. Dropout is applied to the input of every layer but the first (so
+    between layers, never to the top layer's output), only when `inference=False`.
 
     A bidirectional stack (`backward_cells` given) runs every layer forwards with
     `cells[l]` and backwards with `backward_cells[l]` over the same input, and the
@@ -60,59 +68,13 @@ class StackedRNN(eqx.Module):
     - `variational`: if `True`, `dropout` draws one mask per sequence and layer,
       the same at every time step (Gal & Ghahramani's variational dropout), instead
       of one per element. (Keyword only argument.)
-    - `recurrent_dropout`: probability in [0, 1) of zeroing each unit of the
-      previous output where it enters the recurrent product `weight_hh @ h`, with
-      one mask per sequence, layer and direction (Gal & Ghahramani); the carried
-      state is not masked. Needs [`stackrnn.AbstractAffineCell`][]s; takes the
-      reference path. (Keyword only argument.)
-    - `zoneout`: probability in [0, 1) that each state unit keeps its previous
-      value at a step, a fresh mask per step (Krueger et al.); at inference every
-      unit is `p * previous + (1 - p) * new`. A tuple gives one rate per array of
-      the state: `(p_h, p_c)` for LSTM cells. Takes the reference path.
-      (Keyword only argument.)
-    - `weight_drop`: probability in [0, 1) of zeroing each entry of every
-      `weight_hh` (DropConnect, Merity et al.'s weight drop), one mask per
-      sequence, layer and direction. Needs [`stackrnn.AbstractAffineCell`][]s;
-      keeps the fast path. (Keyword only argument.)
     - `residual`: if `True`, layers 2..L add their input (before dropout) to their
       output, `y_l = layer_l(dropout(y_{l-1})) + y_{l-1}`; their input and output
       widths must then be equal. (Keyword only argument.)
-    - `unroll`: passed to `jax.lax.scan` over time. (Keyword only argument.)
-    - `reverse`: if `True`, a unidirectional stack reads time backwards: every layer
-      starts at the last step, and outputs stay aligned with their inputs. Not
-      allowed with `backward_cells`. (Keyword only argument.)
-    - `fast`: which path each layer takes. `True`: layers of Elman, GRU and LSTM
-      cells (without `proj_size`) take the fast path, a hand-written backward pass
-      whose weight gradients are single matrix products over all steps and
-      examples; calls with `length` or `resets`, layers with `recurrent_dropout`
-      or `zoneout`, and cells with other parameters (LayerNorm cells, LSTMs with
-      `proj_size`) take the reference path. `False`:
-      the reference path, a plain `jax.lax.scan` of each cell differentiated by
-      JAX. `None` (default): the fast path for layers of `hidden_size >= 512`,
-      where it measured faster on CPU (see the benchmarks page). Both paths give the
-      same numbers up to float rounding. (Keyword only argument.)
-    - `checkpoint`: gradient checkpointing over time, for long sequences. `False`
-      (default): none; the backward pass keeps every step's intermediate values.
-      `True`: chunks of `ceil(sqrt(time))` steps; an integer: chunks of that many
-      steps. The backward pass then keeps only the state at the start of each chunk
-      and recomputes the chunk's forward pass (about one more forward pass in all),
-      so a unidirectional stack needs memory for about `sqrt(time)` steps of every
-      layer, besides the inputs and outputs: the chunks are the outer loop and run
-      all layers inside. A tuple of lengths, outermost first, nests the chunks:
-      `(c1, c2)` cuts each chunk of `c1` steps into checkpointed chunks of `c2`,
-      one more forward pass per level for memory of about `time / c1 + c1 / c2 +
-      c2` steps (`(round(time ** (2 / 3)), round(time ** (1 / 3)))` for about
-      `3 * time ** (1 / 3)`). [`stackrnn.StackedRNN.transduce`][] also keeps the
-      inputs' encoding and the outputs' decoding inside the chunks. A
-      bidirectional stack cannot interleave its layers that way (the backward
-      direction of layer `l` needs all of layer `l-1`), so each of its layers is
-      checkpointed on its own: every layer's outputs are kept, the per-step values
-      inside the layers are not. Same numbers as without
-      checkpointing up to float rounding, except for the masks a unidirectional
-      stack draws per step (`dropout` unless `variational`, and `zoneout`): the
-      (innermost) chunk from step `s` draws them from their key folded with `s`
-      (`jax.random.fold_in`). See
-      "Long sequences" on the sequences page. (Keyword only argument.)
+    - `scan`: how every layer runs over time, a [`stackrnn.Scan`][]: the direction
+      (`reverse`, for unidirectional stacks only), `unroll`, the path policy and
+      gradient checkpointing. Default `Scan()`: forwards, the path by width, no
+      checkpointing. (Keyword only argument.)
     - `inference`: the default of `__call__`'s `inference`; switch a whole model with
       `eqx.nn.inference_mode`. (Keyword only argument.)
 
@@ -121,8 +83,12 @@ class StackedRNN(eqx.Module):
         ```python
         import jax, jax.numpy as jnp, stackrnn
 
-        rnn = stackrnn.GRU(28, 32, num_layers=2, key=jax.random.key(0))
-        ys, state = rnn(jnp.ones((35, 28)))  # ys: (35, 32), state: (2, 32)
+        k1, k2 = jax.random.split(jax.random.key(0))
+        cells = [stackrnn.GRUCell(28, 32, key=k1), stackrnn.GRUCell(32, 32, key=k2)]
+        rnn = stackrnn.StackedRNN(
+            cells, dropout=0.2, scan=stackrnn.Scan(checkpoint=stackrnn.Chunks(8))
+        )
+        ys, state = rnn(jnp.ones((35, 28)), key=k1)  # ys: (35, 32), state: (2, 32)
         ```
     """
 
@@ -130,14 +96,8 @@ class StackedRNN(eqx.Module):
     backward_cells: tuple[AbstractCell, ...] | None
     dropout: float = eqx.field(static=True)
     variational: bool = eqx.field(static=True)
-    recurrent_dropout: float = eqx.field(static=True)
-    zoneout: float | tuple[float, ...] = eqx.field(static=True)
-    weight_drop: float = eqx.field(static=True)
     residual: bool = eqx.field(static=True)
-    unroll: int = eqx.field(static=True)
-    reverse: bool = eqx.field(static=True)
-    fast: bool | None = eqx.field(static=True)
-    checkpoint: bool | int | tuple[int, ...] = eqx.field(static=True)
+    scan: Scan = eqx.field(static=True)
     inference: bool
 
     def __init__(
@@ -147,32 +107,17 @@ class StackedRNN(eqx.Module):
         backward_cells: Sequence[AbstractCell] | None = None,
         dropout: float = 0.0,
         variational: bool = False,
-        recurrent_dropout: float = 0.0,
-        zoneout: float | tuple[float, ...] = 0.0,
-        weight_drop: float = 0.0,
         residual: bool = False,
-        unroll: int = 1,
-        reverse: bool = False,
-        fast: bool | None = None,
-        checkpoint: bool | int | tuple[int, ...] = False,
+        scan: Scan = Scan(),
         inference: bool = False,
     ):
-        fields = check_config(
-            cells,
-            backward_cells,
-            dropout=dropout,
-            variational=variational,
-            recurrent_dropout=recurrent_dropout,
-            zoneout=zoneout,
-            weight_drop=weight_drop,
-            residual=residual,
-            unroll=unroll,
-            reverse=reverse,
-            fast=fast,
-            checkpoint=checkpoint,
+        self.cells, self.backward_cells = check_layers(cells, backward_cells, scan)
+        self.dropout = check_between(
+            self.cells, self.backward_cells, dropout, variational, residual
         )
-        for name, value in fields.items():
-            setattr(self, name, value)
+        self.variational = variational
+        self.residual = residual
+        self.scan = scan
         self.inference = inference
 
     @property
@@ -182,6 +127,11 @@ class StackedRNN(eqx.Module):
     @property
     def bidirectional(self) -> bool:
         return self.backward_cells is not None
+
+    @property
+    def reverse(self) -> bool:
+        """Whether a unidirectional stack reads time backwards (`scan.reverse`)."""
+        return self.scan.reverse
 
     @property
     def input_size(self) -> int:
@@ -196,71 +146,81 @@ class StackedRNN(eqx.Module):
         # The bottom layer's state dtype, which its inputs must share.
         return jax.tree.leaves(jax.eval_shape(self.cells[0].init_state))[0].dtype
 
-    def _layer(self, layer: int) -> tuple[AbstractCell, ...]:
-        return layer_cells(self.cells, self.backward_cells, layer)
+    def _layers(self) -> list[tuple[AbstractCell, ...]]:
+        return [
+            layer_cells(self.cells, self.backward_cells, i)
+            for i in range(self.num_layers)
+        ]
 
     def _all_cells(self) -> list[AbstractCell]:
         # PyTorch's order of states: layer * num_directions + direction.
-        return [cell for i in range(self.num_layers) for cell in self._layer(i)]
-
-    @property
-    def _stackable(self) -> bool:
-        # Layers whose states share shapes are stacked on a leading axis (L, H);
-        # otherwise the state is a tuple with one entry per layer.
-        shapes = [
-            jax.tree.map(jnp.shape, jax.eval_shape(c.init_state))
-            for c in self._all_cells()
-        ]
-        return all(s == shapes[0] for s in shapes)
+        return [cell for cells in self._layers() for cell in cells]
 
     def _join(self, states: list[State]) -> StackState:
-        if self._stackable:
-            return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-        return tuple(states)
+        return join_states(self._all_cells(), states)
 
     def _split(self, state: StackState) -> list[State]:
-        if self._stackable:
-            n = len(self._all_cells())
-            return [jax.tree.map(lambda s: s[i], state) for i in range(n)]
-        return list(state)
+        return split_state(self._all_cells(), state)
 
-    def drop_weights(self, key: PRNGKeyArray) -> "StackedRNN":
-        """Draws the `weight_drop` masks once, for every sequence the result reads.
+    def _fold(self, hs, states, run, key, inference, **kwargs):
+        """`fold_layers` over this stack's layers, with its keys and dropout."""
+        drop_keys, cell_keys = split_keys(
+            key, self.num_layers, 2 if self.bidirectional else 1
+        )
+        drop = None
+        if not inference and self.num_layers > 1 and self.dropout > 0:
+            if key is None:
+                raise RuntimeError(
+                    f"`StackedRNN` with `dropout` (={self.dropout}) requires a "
+                    "`key` when running in non-deterministic mode; pass `key=...` "
+                    "or `inference=True`"
+                )
+            drop = layer_dropout(self.dropout, self.variational, drop_keys)
+        return fold_layers(
+            self._layers(),
+            hs,
+            states,
+            run,
+            cell_keys=cell_keys,
+            inference=inference,
+            drop=drop,
+            residual=self.residual,
+            **kwargs,
+        )
 
-        `__call__` draws one DropConnect mask per sequence. Under `jax.vmap` with a
-        key per example that makes one `weight_hh` per example: memory of
-        `batch x gates x hidden` per layer, and batched matrix-vector products in
-        place of one matrix product (on CPU, a training batch of 1024 sequences
-        of a 2 x 256 GRU language model: 12.9x slower, see the regularisation
-        page). AWD-LSTM instead draws one mask per
-        batch: call `drop_weights` outside `jax.vmap` and the returned stack, whose
-        `weight_drop` is 0, inside it. [`stackrnn.lm.fit`][] does so.
+    def _chunked(
+        self, inputs, state, chunks, length, resets, key, inference, *, encode, decode
+    ):
+        """A unidirectional stack over `inputs`, checkpointed: the chunks of time
+        outside, all layers inside each chunk. Within a chunk,
+        `encode(inputs_chunk)` gives the bottom layer's inputs and
+        `decode(outputs, inputs_chunk)`, `outputs` being every layer's outputs, what
+        the chunk returns."""
 
-        **Arguments:**
-
-        - `key`: a `jax.random.PRNGKey`; one mask per layer and direction is drawn
-          from it.
-
-        **Returns:**
-
-        A copy of the stack with every cell's `weight_hh` masked (survivors scaled
-        by `1 / (1 - weight_drop)`) and `weight_drop=0`; the stack itself when
-        `weight_drop` is 0.
-        """
-        if self.weight_drop == 0:
-            return self
-        cells = [
-            drop_weight(cell, self.weight_drop, k)
-            for cell, k in zip(
-                self._all_cells(), jax.random.split(key, len(self._all_cells()))
+        def layers(piece, layer_states, start, chunk_length, chunk_resets):
+            run = functools.partial(
+                run_direction,
+                scan=self.scan,
+                chunks=None,
+                length=chunk_length,
+                resets=chunk_resets,
             )
-        ]
-        step = 2 if self.bidirectional else 1
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        fields.update(cells=cells[::step], weight_drop=0.0)
-        if self.bidirectional:
-            fields.update(backward_cells=cells[1::2])
-        return StackedRNN(**fields)
+            outputs, finals = self._fold(
+                encode(piece), layer_states, run, key, inference, start=start
+            )
+            return decode(outputs, piece), finals
+
+        decoded, finals = run_chunked(
+            layers,
+            inputs,
+            self._split(state),
+            [cell.init_state() for cell in self.cells],
+            chunks=chunks,
+            reverse=self.reverse,
+            length=length,
+            resets=resets,
+        )
+        return decoded, self._join(finals)
 
     def init_state(self) -> StackState:
         """Every layer's zero state: an array of shape `(num_layers, hidden_size)`
@@ -306,12 +266,14 @@ class StackedRNN(eqx.Module):
           as independent segments (RL episodes, packed documents). The backward
           direction of a bidirectional stack, and a `reverse` stack, respect the
           same segments. (Keyword only argument.)
-        - `key`: a `jax.random.PRNGKey` for the regularisers' masks; needed only
-          when `inference=False` and one of them draws masks (`dropout > 0` with
-          `num_layers > 1`, `recurrent_dropout`, `zoneout` or `weight_drop > 0`).
-          The same key draws the same masks. (Keyword only argument.)
-        - `inference`: if `True`, no dropout of any kind, and zoneout's expectation;
-          defaults to the module's `inference`. (Keyword only argument.)
+        - `key`: a `jax.random.PRNGKey` for the masks; needed only when
+          `inference=False` and a mask is drawn (`dropout > 0` with
+          `num_layers > 1`, or a wrapper cell that draws masks). Each layer's
+          cells get their own key from it (`AbstractCell.for_sequence`). The same
+          key draws the same masks. (Keyword only argument.)
+        - `inference`: if `True`, no masks: no dropout of any kind, and each
+          wrapper cell's inference step (`Zoneout`'s expectation); defaults to the
+          module's `inference`. (Keyword only argument.)
         - `all_layers`: if `True`, return every layer's outputs instead of the top
           layer's only. (Keyword only argument.)
 
@@ -336,29 +298,25 @@ class StackedRNN(eqx.Module):
         else:
             check_like("state", state, self.init_state())
         inference = self.inference if inference is None else inference
-        keys = mask_keys(self, key, inference)
-
-        chunks = chunk_lengths(self.checkpoint, time)
+        checkpoint = self.scan.checkpoint
+        chunks = None if checkpoint is None else checkpoint.for_time(time)
         if chunks is not None and not self.bidirectional:
-            return call_chunked(
-                self,
+            return self._chunked(
                 xs,
                 state,
                 chunks,
                 length,
                 resets,
-                keys,
+                key,
                 inference,
                 encode=lambda piece: piece,
                 decode=lambda outputs, _: tuple(outputs) if all_layers else outputs[-1],
             )
 
         run = functools.partial(
-            run_direction, self, chunks=chunks, length=length, resets=resets
+            run_direction, scan=self.scan, chunks=chunks, length=length, resets=resets
         )
-        outputs, finals = fold_layers(
-            self, xs, self._split(state), keys, inference, run
-        )
+        outputs, finals = self._fold(xs, self._split(state), run, key, inference)
         return (tuple(outputs) if all_layers else outputs[-1]), self._join(finals)
 
     def transduce(
@@ -372,7 +330,7 @@ class StackedRNN(eqx.Module):
         inference: bool | None = None,
     ) -> tuple[PyTree, StackState]:
         """Maps a sequence to a sequence through the stack:
-        `decode(stack(encode(inputs))[0], inputs)`, but with `checkpoint` on a
+        `decode(stack(encode(inputs))[0], inputs)`, but with `scan.checkpoint` on a
         unidirectional stack, `encode` and `decode` run inside each checkpointed
         chunk of time, so neither the encoded inputs nor the top layer's outputs of
         the whole sequence are ever stored; only what `decode` returns is. A model
@@ -408,8 +366,8 @@ class StackedRNN(eqx.Module):
         time = check_transduce(
             encode, decode, inputs, self.input_size, self.output_size, self._dtype
         )
-        chunks = chunk_lengths(self.checkpoint, time)
-        if chunks is None or self.bidirectional:
+        checkpoint = self.scan.checkpoint
+        if checkpoint is None or self.bidirectional:
             ys, state = self(encode(inputs), state, key=key, inference=inference)
             return decode(ys, inputs), state
         if state is None:
@@ -417,14 +375,13 @@ class StackedRNN(eqx.Module):
         else:
             check_like("state", state, self.init_state())
         inference = self.inference if inference is None else inference
-        return call_chunked(
-            self,
+        return self._chunked(
             inputs,
             state,
-            chunks,
+            checkpoint.for_time(time),
             None,
             None,
-            mask_keys(self, key, inference),
+            key,
             inference,
             encode=encode,
             decode=lambda outputs, piece: decode(outputs[-1], piece),
@@ -445,11 +402,12 @@ class StackedRNN(eqx.Module):
         With `inference=True` the two agree exactly, whatever the options. In
         training, `step` draws fresh masks per step and layer from its `key`, for
         dropout (each input of layers 2..L zeroed independently with probability
-        `dropout`) and zoneout, as `__call__` does but not the masks `__call__`
-        draws from the same key: pass a different key at every step. The options
-        that draw one mask per sequence (`variational`, `recurrent_dropout`,
-        `weight_drop`) cannot keep it across calls, so `step` refuses them in
-        training with a `ValueError`.
+        `dropout`) and per-step wrappers ([`stackrnn.Zoneout`][]), as `__call__`
+        does but not the masks `__call__` draws from the same key: pass a different
+        key at every step. What draws one mask per sequence (`variational`
+        dropout, [`stackrnn.RecurrentDropout`][], [`stackrnn.WeightDrop`][])
+        cannot keep it across calls, so `step` refuses it in training with a
+        `ValueError`.
 
         Not available for bidirectional stacks, whose backward direction needs the
         whole sequence. To reset at an episode boundary, pass `init_state()`.
@@ -476,13 +434,18 @@ class StackedRNN(eqx.Module):
         check_vector("x", x, self.input_size, self._dtype)
         check_like("state", state, self.init_state())
         inference = self.inference if inference is None else inference
-        check_step(self, inference)
-        keys = mask_keys(self, key, inference)
+        if not inference and self.variational and self.dropout > 0:
+            raise ValueError(
+                "`variational` dropout draws one mask per sequence, which `step` "
+                "cannot keep across separate calls; in training, run the sequence "
+                "with `__call__`, or pass `inference=True`"
+            )
 
         def run(cell, inputs, layer_state, direction):
             new = cell(inputs[0], layer_state)
             return cell.output(new)[None], new
 
-        states = self._split(state)
-        outputs, finals = fold_layers(self, x[None], states, keys, inference, run)
+        outputs, finals = self._fold(
+            x[None], self._split(state), run, key, inference, streaming=True
+        )
         return outputs[-1][0], self._join(finals)

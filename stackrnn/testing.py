@@ -276,7 +276,7 @@ def check_layer_wiring(
 
     Catches the miswiring of d2l's JAX `GRU(num_layers)`, which feeds the raw input
     to every layer but the last. For unidirectional stacks without dropout (or with
-    `inference=True`), residual connections or zoneout.
+    `inference=True`), residual connections or wrapper cells.
 
     **Arguments:**
 

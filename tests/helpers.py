@@ -86,10 +86,64 @@ def tree_equal(x, y) -> bool:
     )
 
 
+# The path policies by the one-liners' former `fast` flag.
+PATHS = {None: stackrnn.ByWidth(), True: stackrnn.Fast(), False: stackrnn.Reference()}
+_SCAN = ("reverse", "unroll", "fast", "checkpoint")
+_CELL = ("recurrent_dropout", "zoneout", "weight_drop")
+
+
+def wrap(cell, *, recurrent_dropout=0.0, zoneout=0.0, weight_drop=0.0):
+    """`cell` in the public wrappers its rates ask for, as the one-liners build."""
+    if weight_drop:
+        cell = stackrnn.WeightDrop(cell, weight_drop)
+    if recurrent_dropout:
+        cell = stackrnn.RecurrentDropout(cell, recurrent_dropout)
+    if any(zoneout) if isinstance(zoneout, tuple) else zoneout:
+        cell = stackrnn.Zoneout(cell, zoneout)
+    return cell
+
+
+def _scan(scan=None, *, reverse=None, unroll=None, fast="keep", checkpoint="keep"):
+    scan = stackrnn.Scan() if scan is None else scan
+    changes = dict(reverse=reverse, unroll=unroll)
+    if fast != "keep":
+        changes["path"] = PATHS[fast]
+    if checkpoint != "keep":
+        changes["checkpoint"] = stackrnn.Chunks.from_flag(checkpoint)
+    return dataclasses.replace(
+        scan, **{k: v for k, v in changes.items() if v is not None}
+    )
+
+
+def stack_of(cells, *, backward_cells=None, **options) -> stackrnn.StackedRNN:
+    """A stack of `cells` with the options by their one-liner names: the per-cell
+    rates wrap every cell, `reverse`, `unroll`, `fast` and `checkpoint` make its
+    `Scan`, the rest go to `StackedRNN`."""
+    rates = {k: options.pop(k) for k in _CELL if k in options}
+    scan = _scan(**{k: options.pop(k) for k in _SCAN if k in options})
+    cells = [wrap(c, **rates) for c in cells]
+    if backward_cells is not None:
+        backward_cells = [wrap(c, **rates) for c in backward_cells]
+    return stackrnn.StackedRNN(
+        cells, backward_cells=backward_cells, scan=scan, **options
+    )
+
+
 def with_options(stack, **options) -> stackrnn.StackedRNN:
-    """`stack` with some of its options changed."""
-    fields = {f.name: getattr(stack, f.name) for f in dataclasses.fields(stack)}
-    return stackrnn.StackedRNN(**{**fields, **options})
+    """`stack` with some of its between-layer or `Scan` options changed."""
+    scan = _scan(stack.scan, **{k: options.pop(k) for k in _SCAN if k in options})
+    fields = dict(
+        dropout=stack.dropout,
+        variational=stack.variational,
+        residual=stack.residual,
+        inference=stack.inference,
+    )
+    return stackrnn.StackedRNN(
+        stack.cells,
+        backward_cells=stack.backward_cells,
+        scan=scan,
+        **{**fields, **options},
+    )
 
 
 def to_float64(tree):
@@ -110,7 +164,7 @@ def make_stack(cfg: Config, key, direction: str, **kwargs) -> stackrnn.StackedRN
     `"bidirectional"` (each backward cell drawn with its own key)."""
     if direction != "bidirectional":
         cells = make_cells(cfg, key)
-        return stackrnn.StackedRNN(cells, reverse=direction == "reverse", **kwargs)
+        return stack_of(cells, reverse=direction == "reverse", **kwargs)
     cells, backward = [], []
     size = cfg.input_size
     for width, k in zip(cfg.widths, jr.split(key, cfg.num_layers)):
@@ -118,4 +172,4 @@ def make_stack(cfg: Config, key, direction: str, **kwargs) -> stackrnn.StackedRN
         cells.append(make_cell(cfg.kind, size, width, bias=cfg.bias, key=kf))
         backward.append(make_cell(cfg.kind, size, width, bias=cfg.bias, key=kb))
         size = cells[-1].output_size + backward[-1].output_size
-    return stackrnn.StackedRNN(cells, backward_cells=backward, **kwargs)
+    return stack_of(cells, backward_cells=backward, **kwargs)

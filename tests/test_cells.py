@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from jax.ad_checkpoint import print_saved_residuals
 
 import stackrnn
-from stackrnn._cells import _gru_update
+from stackrnn._gates import gru_update as _gru_update
 
 from .helpers import assert_derivatives_match, x64
 

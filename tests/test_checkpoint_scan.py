@@ -1,4 +1,4 @@
-"""`StackedRNN(checkpoint=...)`: time in `jax.checkpoint`-ed chunks. The same values,
+"""`Scan(checkpoint=Chunks(...))`: time in `jax.checkpoint`-ed chunks. The same values,
 final states and gradients as the plain stack for every cell, direction and sequence
 option; regularisers' masks as documented; the checkpoint really in the
 program; compiled memory growing sublinearly in time; bad values refused."""
@@ -13,9 +13,8 @@ import pytest
 from hypothesis import assume, example, given, strategies as st
 
 import stackrnn
-from stackrnn._chunked import chunk_lengths
-from stackrnn._layer import scan_reference
-from stackrnn._regularise import dropout, split_keys, Zoneout, zoneout_masks
+from stackrnn._dropout import dropout
+from stackrnn._fold import split_keys
 
 from .helpers import (
     Config,
@@ -24,6 +23,7 @@ from .helpers import (
     inputs,
     make_cells,
     make_stack,
+    stack_of,
     to_float64,
     tree_allclose,
     with_options,
@@ -237,31 +237,43 @@ def _innermost_chunks(time, lengths, offset=0):
     return found
 
 
+def _zoneout_loop(cell, hs, state, keeps, backwards):
+    """Zoneout by hand: each unit of the state keeps its previous value where its
+    mask `keeps[j][t]` (array `j` of the state, step `t`) is 1."""
+    out = [None] * len(hs)
+    for t in range(len(hs) - 1, -1, -1) if backwards else range(len(hs)):
+        new = cell(hs[t], state)
+        leaves = zip(keeps, jax.tree.leaves(state), jax.tree.leaves(new))
+        mixed = [jnp.where(k[t], s, n) for k, s, n in leaves]
+        state = jax.tree.unflatten(jax.tree.structure(state), mixed)
+        out[t] = cell.output(state)
+    return jnp.stack(out), state
+
+
 def _by_chunks(stack, xs, lengths, key):
-    """A unidirectional stack with dropout and zoneout (no other regulariser), by
-    Python loops over the innermost chunks (last first for `reverse`) and layers:
-    the chunk from step `s` draws the input dropout of layer `l` from
-    `fold_in(dropout key of l, s)` and its zoneout masks from
-    `fold_in(zoneout key of l, s)`, the keys being those the plain stack splits from
-    `key`."""
+    """A unidirectional stack with dropout and a `Zoneout` cell per layer (no other
+    regulariser), by Python loops over the innermost chunks (last first for
+    `reverse`), layers and steps: the chunk from step `s` draws the input dropout of
+    layer `l` from `fold_in(dropout key of l, s)` and its zoneout masks from
+    `fold_in(zoneout key of l, s)`, the keys being those the plain stack splits
+    from `key` (a cell's wrappers take `split(cell key, 3)`, zoneout the third)."""
     input_keys, cell_keys = split_keys(key, stack.num_layers, 1)
     state = stack._split(stack.init_state())
     pieces = _innermost_chunks(len(xs), lengths)
     ys = {}
     for start, size in pieces[:: -1 if stack.reverse else 1]:
         hs = xs[start : start + size]
-        for i, cell in enumerate(stack.cells):
+        for i, zoneout in enumerate(stack.cells):
+            cell, rates = zoneout.cell, zoneout.rates
             if i > 0:
                 hs = dropout(hs, stack.dropout, jr.fold_in(input_keys[i - 1], start))
             k_zoneout = jr.fold_in(jr.split(cell_keys[i][0], 3)[2], start)
-            rates = (stack.zoneout,) * len(jax.tree.leaves(cell.init_state()))
-            keep = zoneout_masks(k_zoneout, rates, cell.init_state(), len(hs), hs.dtype)
-            hs, state[i] = scan_reference(
-                Zoneout(cell, rates, sampled=True),
-                jnp.concatenate([hs, keep], axis=-1),
-                state[i],
-                reverse=stack.reverse,
-            )
+            leaves = jax.tree.leaves(cell.init_state())
+            keeps = [
+                jr.bernoulli(k, p, (size, leaf.size))
+                for k, p, leaf in zip(jr.split(k_zoneout, len(leaves)), rates, leaves)
+            ]
+            hs, state[i] = _zoneout_loop(cell, hs, state[i], keeps, stack.reverse)
         ys[start] = hs
     return jnp.concatenate([ys[s] for s, _ in pieces]), stack._join(state)
 
@@ -278,11 +290,11 @@ def test_step_masks_are_drawn_per_chunk(cfg, reverse, chunk, seed):
     documented; deterministic for a fixed key, so the recomputed chunks drop what
     the forward pass dropped and the gradient is that of the loops."""
     kc, kx, kd = jr.split(jr.key(seed), 3)
-    stack = stackrnn.StackedRNN(
+    stack = stack_of(
         make_cells(cfg, kc), reverse=reverse, dropout=0.5, zoneout=0.3, checkpoint=chunk
     )
     xs = inputs(cfg, kx)
-    lengths = chunk_lengths(chunk, cfg.time)
+    lengths = stackrnn.Chunks.from_flag(chunk).for_time(cfg.time)
 
     def loss(model, key, run):
         outputs = run(model, key)
@@ -356,7 +368,8 @@ def test_compiled_memory_grows_sublinearly_with_checkpointing(getkey):
 
 
 def test_chunk_lengths():
-    assert [chunk_lengths(True, t) for t in (1, 2, 4, 5, 16, 17, 16384)] == [
+    sqrt = stackrnn.Chunks.sqrt()
+    assert [sqrt.for_time(t) for t in (1, 2, 4, 5, 16, 17, 16384)] == [
         (1,),
         (2,),
         (2,),
@@ -365,11 +378,12 @@ def test_chunk_lengths():
         (5,),
         (128,),
     ]
-    assert all(
-        chunk_lengths(True, t) == (math.ceil(math.sqrt(t)),) for t in range(1, 999)
-    )
-    assert chunk_lengths(7, 3) == (7,) and chunk_lengths(False, 3) is None
-    assert chunk_lengths((8, 2), 3) == (8, 2)
+    assert all(sqrt.for_time(t) == (math.ceil(math.sqrt(t)),) for t in range(1, 999))
+    assert stackrnn.Chunks(7).for_time(3) == (7,)
+    assert stackrnn.Chunks(8, 2).for_time(3) == (8, 2)
+    assert stackrnn.Chunks.from_flag(True) == sqrt
+    assert stackrnn.Chunks.from_flag((8, 2)) == stackrnn.Chunks(8, 2)
+    assert stackrnn.Chunks.from_flag(False) is None
 
 
 def test_constructors_pass_checkpoint_on(getkey):
@@ -377,19 +391,20 @@ def test_constructors_pass_checkpoint_on(getkey):
     for make in (stackrnn.RNN, stackrnn.GRU, stackrnn.LSTM):
         key = getkey()
         checkpointed = make(3, 4, num_layers=2, checkpoint=4, key=key)
-        assert checkpointed.checkpoint == 4
+        assert checkpointed.scan.checkpoint == stackrnn.Chunks(4)
         assert tree_allclose(checkpointed(xs), make(3, 4, 2, key=key)(xs), **TOL32)
 
 
 def test_bad_checkpoint_values(getkey):
-    cells = [stackrnn.GRUCell(3, 4, key=getkey())]
-    for bad in (0, -2, (4, 0)):
-        with pytest.raises(
-            ValueError, match=r"`checkpoint`'s chunk lengths must be >= 1, got"
-        ):
-            stackrnn.StackedRNN(cells, checkpoint=bad)
-    for bad in (2.5, "yes", None, (), (4, 2.0), (4, True), [4, 2]):
+    for bad in ((0,), (-2,), (4, 0), (4, 2.0), (4, True)):
+        with pytest.raises(ValueError, match=r"`Chunks`'s lengths must be integers"):
+            stackrnn.Chunks(*bad)
+    with pytest.raises(TypeError, match=r"`Chunks.sqrt\(\)`"):
+        stackrnn.Chunks()
+    for bad in (2.5, "yes", (), [4, 2]):
         with pytest.raises(TypeError, match=r"`checkpoint` must be True, False, a"):
-            stackrnn.StackedRNN(cells, checkpoint=bad)
-    with pytest.raises(ValueError, match="`checkpoint`"):
+            stackrnn.LSTM(3, 4, checkpoint=bad, key=getkey())
+    with pytest.raises(ValueError, match="`Chunks`"):
         stackrnn.LSTM(3, 4, checkpoint=0, key=getkey())
+    with pytest.raises(TypeError, match="`checkpoint` must be None or a"):
+        stackrnn.Scan(checkpoint=4)

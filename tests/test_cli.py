@@ -480,9 +480,12 @@ def test_regulariser_and_cell_flags(text_file, tmp_path, capsys):
     model, _, _ = _new_state(hp, len(saved.vocab), jax.random.key(0))
     rnn = model.rnn
     assert (rnn.dropout, rnn.variational, rnn.residual) == (0.2, True, True)
-    assert (rnn.recurrent_dropout, rnn.weight_drop) == (0.1, 0.2)
-    assert jax.tree.leaves(rnn.zoneout) == [0.05]
-    assert all(isinstance(c, stackrnn.LayerNormLSTMCell) for c in rnn.cells)
+    for zoneout in rnn.cells:
+        assert isinstance(zoneout, stackrnn.Zoneout) and set(zoneout.rates) == {0.05}
+        recurrent, weight = zoneout.cell, zoneout.cell.cell
+        assert isinstance(recurrent, stackrnn.RecurrentDropout) and recurrent.p == 0.1
+        assert isinstance(weight, stackrnn.WeightDrop) and weight.p == 0.2
+        assert isinstance(weight.cell, stackrnn.LayerNormLSTMCell)
     assert hp["init"] == "orthogonal" and hp["forget_bias"] == 1.0
     assert run("generate", "--run", out, "--num-chars", "5") == 0
     capsys.readouterr()

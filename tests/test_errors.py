@@ -11,8 +11,6 @@ import pytest
 
 import stackrnn
 
-from .helpers import with_options
-
 
 KEY = jr.key(0)
 
@@ -211,7 +209,8 @@ _KINDS = [
 @pytest.mark.parametrize("make", _KINDS)
 @pytest.mark.parametrize("fast", [False, True])
 def test_inputs_and_state_must_have_the_parameters_dtype(make, fast):
-    stack = with_options(make(num_layers=2, key=KEY), fast=fast)
+    path = stackrnn.Fast() if fast else stackrnn.Reference()
+    stack = make(num_layers=2, path=path, key=KEY)
     xs, state = jnp.ones((5, 3)), stack.init_state()
     for dtype in (jnp.float16, jnp.bfloat16):
         with _raises(TypeError, "`xs`", "dtype float32", f"got {jnp.dtype(dtype)}"):
@@ -223,7 +222,7 @@ def test_inputs_and_state_must_have_the_parameters_dtype(make, fast):
             stack.step(xs[0].astype(dtype), state, inference=True)
         with _raises(TypeError, "`state`", "dtype float32", f"got {jnp.dtype(dtype)}"):
             stack.step(xs[0], low, inference=True)
-    half = with_options(make(num_layers=2, dtype=jnp.float16, key=KEY), fast=fast)
+    half = make(num_layers=2, dtype=jnp.float16, path=path, key=KEY)
     with _raises(TypeError, "`xs`", "dtype float16", "got float32"):
         half(xs, inference=True)
     ys, _ = half(xs.astype(jnp.float16), inference=True)

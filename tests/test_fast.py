@@ -15,7 +15,7 @@ import stackrnn
 from stackrnn._fast import scan_fast, supports
 from stackrnn._layer import scan_reference
 
-from .helpers import Config, configs, fewer, make_cells, tree_allclose, x64
+from .helpers import Config, configs, fewer, make_cells, stack_of, tree_allclose, x64
 
 
 FAST_KINDS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
@@ -110,8 +110,8 @@ def test_stacks_agree_on_both_paths(cfg, seed):
     leaves to the reference), float32: equal to float32 rounding."""
     kc, kx = jr.split(jr.key(seed))
     cells = make_cells(cfg, kc)
-    fast = stackrnn.StackedRNN(cells, fast=True)
-    reference = stackrnn.StackedRNN(cells, fast=False)
+    fast = stack_of(cells, fast=True)
+    reference = stack_of(cells, fast=False)
     xs = jr.normal(kx, (2, cfg.time, cfg.input_size))
 
     def loss(model):
@@ -195,14 +195,15 @@ def test_sequence_options_take_the_reference_path(option, getkey):
     cells = [stackrnn.GRUCell(3, 4, key=getkey())]
     xs = jr.normal(getkey(), (5, 3))
     kwargs = dict(length=3) if option == "length" else dict(resets=jnp.arange(5) == 2)
-    fast = stackrnn.StackedRNN(cells, fast=True)(xs, **kwargs)
-    reference = stackrnn.StackedRNN(cells, fast=False)(xs, **kwargs)
+    fast = stack_of(cells, fast=True)(xs, **kwargs)
+    reference = stack_of(cells, fast=False)(xs, **kwargs)
     assert tree_allclose(fast, reference, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("width, fast", [(511, False), (512, True)])
 def test_default_picks_the_path_by_width(width, fast):
-    """`fast=None` takes the fast path from `hidden_size` 512 on (traced, not run)."""
+    """`ByWidth()`, the default path policy, takes the fast path from `hidden_size`
+    512 on (traced, not run)."""
     stack = stackrnn.GRU(2, width, key=jr.key(0))
     jaxpr = str(jax.make_jaxpr(stack)(jnp.zeros((2, 2))))
     assert ("custom_vjp_call" in jaxpr) == fast

@@ -15,7 +15,7 @@ from hypothesis import given
 
 import stackrnn
 
-from .helpers import tree_equal, x64
+from .helpers import stack_of, tree_equal, x64
 
 
 torch = pytest.importorskip("torch")
@@ -379,18 +379,18 @@ def test_to_torch_needs_a_uniform_stack(getkey):
     mixed_widths = stackrnn.GRU(3, [4, 5], num_layers=2, key=getkey())
     with pytest.raises(ValueError, match=r"`stack.cells\[1\]` has hidden_size=5"):
         to_torch(mixed_widths)
-    mixed_cells = stackrnn.StackedRNN(
+    mixed_cells = stack_of(
         [stackrnn.GRUCell(3, 4, key=getkey()), stackrnn.LSTMCell(4, 4, key=getkey())]
     )
     with pytest.raises(ValueError, match=r"cells\[0\]` has cell='gru'.*cell='lstm'"):
         to_torch_module(mixed_cells)
     cells = [stackrnn.GRUCell(3, 4, key=getkey()) for _ in range(2)]
     backward = [stackrnn.GRUCell(3, 5, key=getkey())] + cells[1:]
-    mixed_directions = stackrnn.StackedRNN(cells[:1], backward_cells=backward[:1])
+    mixed_directions = stack_of(cells[:1], backward_cells=backward[:1])
     with pytest.raises(ValueError, match=r"`stack.backward_cells\[0\]` has hidden"):
         to_torch(mixed_directions)
     with pytest.raises(ValueError, match="`stack.reverse` must be False"):
-        to_torch(stackrnn.StackedRNN(cells[:1], reverse=True))
+        to_torch(stack_of(cells[:1], reverse=True))
     with pytest.raises(TypeError, match="must be a stackrnn.StackedRNN"):
         to_torch(stackrnn.GRUCell(3, 4, key=getkey()))
 

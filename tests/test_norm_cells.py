@@ -19,6 +19,7 @@ from .helpers import (
     Config,
     inputs,
     make_cells,
+    stack_of,
     tree_equal,
     x64,
 )
@@ -111,7 +112,7 @@ def test_matches_a_numpy_reference(
         state = jax.tree.map(
             lambda s: jr.normal(ks, s.shape, s.dtype), cell.init_state()
         )
-        ys, final = stackrnn.StackedRNN([cell], fast=True)(
+        ys, final = stack_of([cell], fast=True)(
             xs, jax.tree.map(lambda s: s[None], state)
         )
         reference = _lstm_reference if lstm else _gru_reference
@@ -188,8 +189,8 @@ def test_invariant_to_the_scale_of_the_weights(lstm, scale_ih, scale_hh, seed):
             (scale_ih * cell.weight_ih, scale_hh * cell.weight_hh),
         )
         xs = jr.normal(kx, (5, 3))
-        ys, _ = stackrnn.StackedRNN([cell])(xs)
-        ys_scaled, _ = stackrnn.StackedRNN([scaled])(xs)
+        ys, _ = stack_of([cell])(xs)
+        ys_scaled, _ = stack_of([scaled])(xs)
         np.testing.assert_allclose(ys_scaled, ys, rtol=1e-9, atol=1e-12)
 
 
@@ -198,8 +199,8 @@ def test_unnormalised_cells_are_not_scale_invariant():
     cell = stackrnn.GRUCell(3, 4, key=KEY)
     scaled = eqx.tree_at(lambda c: c.weight_ih, cell, 10 * cell.weight_ih)
     xs = jr.normal(KEY, (5, 3))
-    ys, _ = stackrnn.StackedRNN([cell])(xs)
-    ys_scaled, _ = stackrnn.StackedRNN([scaled])(xs)
+    ys, _ = stack_of([cell])(xs)
+    ys_scaled, _ = stack_of([scaled])(xs)
     assert not np.allclose(ys, ys_scaled, atol=1e-3)
 
 
@@ -224,11 +225,9 @@ def test_take_the_reference_path_even_when_fast(proj_size, monkeypatch):
             ys, _ = stack(xs)
             return jnp.sum(ys**2)
 
-        value, grads = eqx.filter_value_and_grad(loss)(
-            stackrnn.StackedRNN([cell], fast=True)
-        )
+        value, grads = eqx.filter_value_and_grad(loss)(stack_of([cell], fast=True))
         want_value, want_grads = eqx.filter_value_and_grad(loss)(
-            stackrnn.StackedRNN([cell], fast=False)
+            stack_of([cell], fast=False)
         )
         assert tree_equal((value, grads.cells), (want_value, want_grads.cells))
         # The gains and shifts are trained: their gradients are not zero.
@@ -283,7 +282,7 @@ def test_low_precision_parameters_and_state():
         stackrnn.LayerNormLSTMCell(3, 4, dtype=jnp.bfloat16, key=KEY),
     ):
         assert {x.dtype for x in jax.tree.leaves(cell)} == {jnp.dtype(jnp.bfloat16)}
-        ys, final = stackrnn.StackedRNN([cell])(jnp.ones((5, 3), jnp.bfloat16))
+        ys, final = stack_of([cell])(jnp.ones((5, 3), jnp.bfloat16))
         assert ys.dtype == jnp.bfloat16
         assert {x.dtype for x in jax.tree.leaves(final)} == {jnp.dtype(jnp.bfloat16)}
 
@@ -319,7 +318,7 @@ def test_deep_stacks_wire_and_stream_like_the_others(kind):
     strategies draw these kinds too, among the others)."""
     cfg = Config(kind=kind, input_size=3, widths=(4, 5, 4), bias=True, time=5)
     kc, kx = jr.split(KEY)
-    stack = stackrnn.StackedRNN(make_cells(cfg, kc))
+    stack = stack_of(make_cells(cfg, kc))
     xs = inputs(cfg, kx)
     check_layer_wiring(stack, xs)
     check_step_matches_scan(stack, xs)

@@ -26,6 +26,7 @@ from .helpers import (
     inputs,
     make_cells,
     make_stack,
+    stack_of,
     tree_allclose,
     tree_equal,
     x64,
@@ -96,12 +97,19 @@ class _Linear(stackrnn.AbstractAffineCell):
         return state
 
 
+def _base(cell):
+    """The cell inside every wrapper of `cell`."""
+    while isinstance(cell, stackrnn.AbstractWrappedCell):
+        cell = cell.cell
+    return cell
+
+
 def _directions(stack, i):
-    """Layer `i`'s cells, each with whether it reads backwards and the slice of the
-    layer's output it writes."""
-    cells = [stack.cells[i]]
+    """Layer `i`'s cells (inside their wrappers), each with whether it reads
+    backwards and the slice of the layer's output it writes."""
+    cells = [_base(stack.cells[i])]
     if stack.bidirectional:
-        cells.append(stack.backward_cells[i])
+        cells.append(_base(stack.backward_cells[i]))
     start = 0
     for d, cell in enumerate(cells):
         stop = start + cell.output_size
@@ -177,7 +185,7 @@ def test_zero_rates_equal_the_plain_stack_bit_for_bit(cfg, direction):
 @pytest.mark.parametrize("variational", [True, False])
 def test_variational_dropout_is_one_mask_per_sequence(variational, getkey):
     p = 0.5
-    stack = stackrnn.StackedRNN(
+    stack = stack_of(
         [stackrnn.ElmanCell(3, 8, key=getkey()), _Echo(8)],
         dropout=p,
         variational=variational,
@@ -199,7 +207,7 @@ def test_variational_dropout_is_one_mask_per_sequence(variational, getkey):
 
 
 def test_variational_dropout_under_vmap_draws_per_example_masks(getkey):
-    stack = stackrnn.StackedRNN(
+    stack = stack_of(
         [stackrnn.ElmanCell(3, 8, key=getkey()), _Echo(8)],
         dropout=0.5,
         variational=True,
@@ -234,7 +242,7 @@ def test_residual_equals_the_hand_written_sum(cfg, direction, seed):
 
 def test_residual_adds_the_input_before_dropout(getkey):
     p = 0.5
-    stack = stackrnn.StackedRNN(
+    stack = stack_of(
         [stackrnn.ElmanCell(3, 6, key=getkey()), _Echo(6)], dropout=p, residual=True
     )
     (below, ys), _ = stack(jr.normal(getkey(), (5, 3)), key=getkey(), all_layers=True)
@@ -366,7 +374,7 @@ def test_zoneout_on_lstm_hidden_and_cell_states(rates, getkey):
     their own rate, and the new `h` is computed from the new, un-zoned `c`
     (Krueger et al.'s LSTM)."""
     cell = stackrnn.LSTMCell(3, 16, key=getkey())
-    stack = stackrnn.StackedRNN([cell], zoneout=rates)
+    stack = stack_of([cell], zoneout=rates)
     h0, c0 = jr.normal(getkey(), (2, 16))
     x = jr.normal(getkey(), (1, 3))
     _, (h1, c1) = stack(x, (h0[None], c0[None]), key=getkey())
@@ -428,7 +436,7 @@ def test_weight_drop_is_one_mask_per_sequence(fast, getkey):
     same masked matrix. The batch shares one key, so one mask."""
     p, size = 0.5, 5
     cell = _Linear(1, size, getkey())
-    stack = stackrnn.StackedRNN([cell], weight_drop=p, fast=fast)
+    stack = stack_of([cell], weight_drop=p, fast=fast)
     xs = jnp.zeros((3, 1))
 
     def masked_weights(key):
@@ -451,7 +459,7 @@ def test_weight_drop_is_one_mask_per_sequence(fast, getkey):
 def test_weight_drop_under_vmap_with_a_key_per_example(getkey):
     """Batched keys draw one mask per example."""
     cell = _Linear(1, 6, getkey())
-    stack = stackrnn.StackedRNN([cell], weight_drop=0.5)
+    stack = stack_of([cell], weight_drop=0.5)
     unit = jnp.zeros((1, 6)).at[0, 0].set(1.0)
     keys = jr.split(getkey(), 4)
     ys, _ = jax.vmap(lambda k: stack(jnp.zeros((1, 1)), unit, key=k))(keys)
@@ -462,7 +470,7 @@ def test_weight_drop_under_vmap_with_a_key_per_example(getkey):
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_drop_weights_draws_the_masks_once(bidirectional, getkey):
     """`drop_weights` masks every cell's `weight_hh` (entries 0 or W/(1-p), one mask
-    per layer and direction) and nothing else; the result, with `weight_drop=0`,
+    per layer and direction) and nothing else; the result, without `WeightDrop`,
     reads every sequence with those weights, so identical sequences of a batch give
     identical outputs with a key each."""
     p = 0.5
@@ -470,10 +478,13 @@ def test_drop_weights_draws_the_masks_once(bidirectional, getkey):
         3, 6, num_layers=2, weight_drop=p, bidirectional=bidirectional, key=getkey()
     )
     key = getkey()
-    shared = stack.drop_weights(key)
-    assert shared.weight_drop == 0 and shared.bidirectional == bidirectional
+    shared = stackrnn.drop_weights(stack, key)
+    assert shared.bidirectional == bidirectional
     masks = []
-    for before, after in zip(stack._all_cells(), shared._all_cells()):
+    for wrapped, after in zip(stack._all_cells(), shared._all_cells()):
+        assert isinstance(wrapped, stackrnn.WeightDrop)
+        before = wrapped.cell
+        assert type(after) is type(before)
         w, dropped = np.asarray(before.weight_hh), np.asarray(after.weight_hh)
         zero = dropped == 0
         assert np.allclose(dropped[~zero], w[~zero] / (1 - p), rtol=1e-6)
@@ -482,8 +493,8 @@ def test_drop_weights_draws_the_masks_once(bidirectional, getkey):
         rest = lambda c: (c.weight_ih, c.bias_ih, c.bias_hh)  # noqa: E731
         assert tree_equal(rest(before), rest(after))
     assert len({m.tobytes() for m in masks}) == len(masks)
-    assert tree_equal(stack.drop_weights(key), shared)
-    assert not tree_equal(stack.drop_weights(getkey()), shared)
+    assert tree_equal(stackrnn.drop_weights(stack, key), shared)
+    assert not tree_equal(stackrnn.drop_weights(stack, getkey()), shared)
 
     xs = jnp.broadcast_to(jr.normal(getkey(), (7, 3)), (4, 7, 3))
     ys, _ = jax.vmap(lambda x, k: shared(x, key=k))(xs, jr.split(getkey(), 4))
@@ -495,7 +506,7 @@ def test_drop_weights_draws_the_masks_once(bidirectional, getkey):
 
 def test_drop_weights_without_weight_drop_is_the_stack(getkey):
     stack = stackrnn.LSTM(3, 5, num_layers=2, dropout=0.2, key=getkey())
-    assert stack.drop_weights(getkey()) is stack
+    assert stackrnn.drop_weights(stack, getkey()) is stack
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
@@ -513,8 +524,8 @@ def test_weight_drop_fast_path_equals_reference(kind, getkey):
             out = jnp.sum(jnp.sin(ys))
             return out + sum(jnp.sum(s**2) for s in jax.tree.leaves(state))
 
-        fast = stackrnn.StackedRNN(cells, weight_drop=0.4, fast=True)
-        reference = stackrnn.StackedRNN(cells, weight_drop=0.4, fast=False)
+        fast = stack_of(cells, weight_drop=0.4, fast=True)
+        reference = stack_of(cells, weight_drop=0.4, fast=False)
         assert tree_allclose(loss(fast), loss(reference), rtol=1e-10, atol=1e-10)
         got = eqx.filter_jit(eqx.filter_grad(loss))(fast)
         want = eqx.filter_grad(loss)(reference)
@@ -553,8 +564,8 @@ def test_loop_options_take_the_reference_path(option, getkey):
     cells = [stackrnn.GRUCell(3, 4, key=getkey())]
     xs = jr.normal(getkey(), (5, 3))
     key = getkey()
-    fast = stackrnn.StackedRNN(cells, fast=True, **{option: 0.5})(xs, key=key)
-    reference = stackrnn.StackedRNN(cells, fast=False, **{option: 0.5})(xs, key=key)
+    fast = stack_of(cells, fast=True, **{option: 0.5})(xs, key=key)
+    reference = stack_of(cells, fast=False, **{option: 0.5})(xs, key=key)
     assert tree_equal(fast, reference)
 
 
@@ -617,7 +628,7 @@ def test_step_at_inference_equals_the_call_with_every_option(cfg, reverse, seed)
     options = dict(ALL_ON, residual=cfg.num_layers > 1)
     if cfg.num_layers == 1:
         options.update(dropout=0.0, variational=False)
-    stack = stackrnn.StackedRNN(make_cells(cfg, kc), reverse=reverse, **options)
+    stack = stack_of(make_cells(cfg, kc), reverse=reverse, **options)
     xs = inputs(cfg, kx)
     ys, final = stack(xs, inference=True)
     state = stack.init_state()
@@ -633,14 +644,18 @@ def test_step_in_training(getkey):
     options that hold one mask per sequence are refused."""
     stack = stackrnn.GRU(3, 4, 3, dropout=0.5, zoneout=0.5, residual=True, key=getkey())
     x, state, k1, k2 = jr.normal(getkey(), (3,)), stack.init_state(), getkey(), getkey()
-    with pytest.raises(RuntimeError, match=r"`dropout` \(=0.5\), `zoneout` \(=0.5\)"):
+    with pytest.raises(RuntimeError, match=r"`dropout` \(=0.5\) requires a `key`"):
         stack.step(x, state)
     assert tree_equal(stack.step(x, state, key=k1), stack.step(x, state, key=k1))
     assert not tree_equal(stack.step(x, state, key=k1), stack.step(x, state, key=k2))
-    for option in ("variational", "recurrent_dropout", "weight_drop"):
+    for option, name in (
+        ("variational", "`variational` dropout"),
+        ("recurrent_dropout", r"`RecurrentDropout\(p=0.5\)`"),
+        ("weight_drop", r"`WeightDrop\(p=0.5\)`"),
+    ):
         value = True if option == "variational" else 0.5
         per_sequence = stackrnn.GRU(3, 4, 2, dropout=0.5, key=k1, **{option: value})
-        with pytest.raises(ValueError, match=f"`{option}` draw one mask per sequence"):
+        with pytest.raises(ValueError, match=f"{name} draws one mask per sequence"):
             per_sequence.step(x, per_sequence.init_state(), key=k2)
         per_sequence.step(x, per_sequence.init_state(), inference=True)
         eqx.nn.inference_mode(per_sequence).step(x, per_sequence.init_state())
@@ -654,8 +669,8 @@ def test_missing_key_names_the_options(getkey):
     with pytest.raises(RuntimeError) as info:
         stack(jnp.ones((2, 3)))
     message = str(info.value)
-    assert "`zoneout` (=(0.1, 0.2)), `weight_drop` (=0.3)" in message
-    assert "requires a `key`" in message and "`inference=True`" in message
+    assert "`WeightDrop(p=0.3)` requires a `key`" in message
+    assert "`inference=True`" in message
 
 
 @pytest.mark.parametrize(
@@ -665,7 +680,7 @@ def test_missing_key_names_the_options(getkey):
         (dict(weight_drop=-0.1), ("`weight_drop`", "[0, 1)", "got -0.1")),
         (dict(zoneout="0.1"), ("`zoneout`", "number", "got '0.1'")),
         (dict(zoneout=(0.1, 1.0)), ("`zoneout[1]`", "[0, 1)", "got 1.0")),
-        (dict(zoneout=(0.1, 0.2)), ("`zoneout` (=(0.1, 0.2))", "2 rates", "1 array")),
+        (dict(zoneout=(0.1, 0.2)), ("`rates` (=(0.1, 0.2))", "2 rates", "1 array")),
         (dict(variational=1), ("`variational`", "bool", "got 1")),
         (dict(residual="yes"), ("`residual`", "bool", "got 'yes'")),
     ],
@@ -686,12 +701,18 @@ def test_residual_needs_equal_widths(getkey):
     stackrnn.GRU(3, 4, 2, residual=True, key=getkey())
 
 
-@pytest.mark.parametrize("option", ["recurrent_dropout", "weight_drop"])
-def test_product_options_need_affine_cells(option, getkey):
-    cells = [stackrnn.GRUCell(3, 4, key=getkey()), _Echo(4)]
-    with pytest.raises(TypeError, match=f"`{option}` .* `cells\\[1\\]` is a _Echo"):
-        stackrnn.StackedRNN(cells, **{option: 0.2})
-    stackrnn.StackedRNN(cells, zoneout=0.2)  # zoneout works with any cell
+@pytest.mark.parametrize("wrapper", [stackrnn.RecurrentDropout, stackrnn.WeightDrop])
+def test_product_wrappers_need_affine_cells(wrapper, getkey):
+    name = wrapper.__name__
+    with pytest.raises(TypeError, match=f"`{name}` acts on .* but `cell` is a _Echo"):
+        wrapper(_Echo(4), 0.2)
+    with pytest.raises(TypeError, match=f"`{name}` acts on"):
+        wrapper(stackrnn.Zoneout(stackrnn.GRUCell(3, 4, key=getkey()), 0.1), 0.2)
+    stackrnn.Zoneout(_Echo(4), 0.2)  # zoneout works with any cell
+    # Recurrent dropout runs on a weight-dropped cell.
+    stackrnn.RecurrentDropout(
+        stackrnn.WeightDrop(stackrnn.GRUCell(3, 4, key=getkey()), 0.2), 0.2
+    )
 
 
 def test_options_without_effect_warn(getkey):
@@ -704,18 +725,152 @@ def test_options_without_effect_warn(getkey):
 def test_constructors_pass_the_options(getkey):
     for make in (stackrnn.RNN, stackrnn.GRU, stackrnn.LSTM):
         stack = make(3, 4, 2, key=getkey(), **ALL_ON)
-        for name, value in ALL_ON.items():
-            assert getattr(stack, name) == value
+        assert (stack.dropout, stack.variational, stack.residual) == (0.3, True, True)
+        for cell in stack.cells:
+            assert isinstance(cell, stackrnn.Zoneout) and set(cell.rates) == {0.3}
+            assert isinstance(cell.cell, stackrnn.RecurrentDropout)
+            assert cell.cell.p == 0.3
+            assert isinstance(cell.cell.cell, stackrnn.WeightDrop)
+            assert cell.cell.cell.p == 0.3
+        plain = make(3, 4, 2, key=getkey())
+        assert not any(isinstance(c, stackrnn.AbstractWrappedCell) for c in plain.cells)
 
 
 def test_pytorch_module_refuses_what_it_cannot_compute(getkey):
     pytest.importorskip("torch")
     from stackrnn.interop.torch import to_torch, to_torch_module
 
-    for option in (dict(residual=True), dict(zoneout=0.1)):
+    for option, name in (
+        (dict(residual=True), "residual"),
+        (dict(zoneout=0.1), "Zoneout"),
+    ):
         stack = stackrnn.GRU(3, 4, 2, key=getkey(), **option)
-        name = next(iter(option))
         with pytest.raises(ValueError, match=f"no `{name}`"):
             to_torch_module(stack)
         to_torch(stack)  # the weights still export
     to_torch_module(stackrnn.GRU(3, 4, 2, weight_drop=0.5, key=getkey()))
+
+
+# ------------------------------------------------------------ per-layer wrappers
+
+
+def _per_layer_stack(key):
+    """Three GRU layers: recurrent dropout on the middle one only, zoneout on the
+    top one only."""
+    k0, k1, k2 = jr.split(key, 3)
+    return stackrnn.StackedRNN(
+        [
+            stackrnn.GRUCell(3, 5, key=k0),
+            stackrnn.RecurrentDropout(stackrnn.GRUCell(5, 5, key=k1), 0.5),
+            stackrnn.Zoneout(stackrnn.GRUCell(5, 5, key=k2), 0.4),
+        ]
+    )
+
+
+def _per_layer_by_hand(stack, xs, key):
+    """`_per_layer_stack` by Python loops, its masks drawn as documented: layer
+    `l`'s wrappers take `split(k_l, 3)` of its key `k_l` (recurrent dropout the
+    second entry, zoneout the third, one keep mask per array of the state), `k_l`
+    being entry `(num_layers - 1) + l` of `split(key, 2 * num_layers - 1)`."""
+    cell_keys = jr.split(key, 5)[2:]
+    bottom, middle, top = (_base(c) for c in stack.cells)
+    hs, _ = _masked_plain(bottom, xs, None)
+    k_mask = jr.split(cell_keys[1], 3)[1]
+    mask = jnp.where(jr.bernoulli(k_mask, 0.5, (5,)), 1 / 0.5, 0.0)
+    hs = _masked_loop(middle, hs, middle.init_state(), mask, backwards=False)
+    k_zone = jr.split(jr.split(cell_keys[2], 3)[2], 1)[0]
+    keep = jr.bernoulli(k_zone, 0.4, (len(xs), 5))
+    state, out = top.init_state(), []
+    for t in range(len(xs)):
+        state = jnp.where(keep[t], state, top(hs[t], state))
+        out.append(state)
+    return jnp.stack(out)
+
+
+def _masked_plain(cell, xs, _):
+    state, out = cell.init_state(), []
+    for x in xs:
+        state = cell(x, state)
+        out.append(cell.output(state))
+    return jnp.stack(out), state
+
+
+def test_per_layer_wrappers_equal_the_loops_under_vmap_and_jit(getkey):
+    stack = _per_layer_stack(getkey())
+    xs = jr.normal(getkey(), (4, 6, 3))
+    keys = jr.split(getkey(), 4)
+    ys, _ = eqx.filter_jit(jax.vmap(lambda x, k: stack(x, key=k)))(xs, keys)
+    for b in range(4):
+        want = _per_layer_by_hand(stack, xs[b], keys[b])
+        assert tree_allclose(ys[b], want, **TOL)
+    # Only the wrapped layers draw masks: at inference, the middle layer is its cell
+    # and the top one zoneout's expectation.
+    bottom, middle, top = (_base(c) for c in stack.cells)
+    hs = _masked_plain(middle, _masked_plain(bottom, xs[0], None)[0], None)[0]
+    state, want = top.init_state(), []
+    for h in hs:
+        state = 0.4 * state + 0.6 * top(h, state)
+        want.append(state)
+    assert tree_allclose(stack(xs[0], inference=True)[0], jnp.stack(want), **TOL)
+
+
+class _InputNoise(stackrnn.AbstractWrappedCell):
+    """A user's wrapper: Gaussian noise on the layer's inputs in training, one draw
+    per step, through the same hook as the built-in wrappers."""
+
+    cell: stackrnn.AbstractCell
+    scale: float = eqx.field(static=True)
+
+    def project_input(self, x):
+        return self.cell.project_input(x)
+
+    def recur(self, gates_x, state):
+        return self.cell.recur(gates_x, state)
+
+    def for_sequence(self, xs, *, key, inference, start=None, streaming=False):
+        cell, xs = self.cell.for_sequence(
+            xs, key=key, inference=inference, start=start, streaming=streaming
+        )
+        if inference:
+            return cell, xs
+        if start is not None:
+            key = jr.fold_in(key, start)
+        return cell, xs + self.scale * jr.normal(key, xs.shape, xs.dtype)
+
+
+@pytest.mark.parametrize("checkpoint", [False, 2])
+def test_a_user_wrapper_runs_through_the_hook(checkpoint, getkey):
+    """A wrapper written outside the library, around a built-in one, on layer 2
+    only: the stack runs it as it runs its own, in and out of checkpointed chunks
+    (where per-step draws fold in the chunk's start), and it composes with the
+    inner wrapper's masks."""
+    k0, k1 = getkey(), getkey()
+    inner = stackrnn.RecurrentDropout(stackrnn.GRUCell(4, 4, key=k1), 0.3)
+    wrapped = _InputNoise(inner, 0.5)
+    bottom = stackrnn.GRUCell(3, 4, key=k0)
+    scan = stackrnn.Scan(checkpoint=stackrnn.Chunks.from_flag(checkpoint))
+    stack = stackrnn.StackedRNN([bottom, wrapped], scan=scan)
+    xs, key = jr.normal(getkey(), (6, 3)), getkey()
+    ys, _ = eqx.filter_jit(lambda x, k: stack(x, key=k))(xs, key)
+
+    # By hand: the user's noise (from the layer's key, folded with each chunk's
+    # start when checkpointed), then recurrent dropout's mask from the same key.
+    layer_key = jr.split(key, 3)[2]
+    hs, _ = _masked_plain(bottom, xs, None)
+    if checkpoint:
+        noise = jnp.concatenate(
+            [jr.normal(jr.fold_in(layer_key, s), (2, 4)) for s in range(0, 6, 2)]
+        )
+    else:
+        noise = jr.normal(layer_key, (6, 4))
+    mask = jnp.where(jr.bernoulli(jr.split(layer_key, 3)[1], 0.7, (4,)), 1 / 0.7, 0.0)
+    want = _masked_loop(
+        inner.cell, hs + 0.5 * noise, inner.cell.init_state(), mask, backwards=False
+    )
+    assert tree_allclose(ys, want, **TOL)
+    # At inference the user's wrapper and the inner one are off.
+    assert tree_allclose(
+        stack(xs, inference=True)[0],
+        _masked_plain(inner.cell, hs, None)[0],
+        **TOL,
+    )

@@ -19,6 +19,7 @@ from .helpers import (
     inputs,
     make_cells,
     make_stack,
+    stack_of,
     tree_allclose,
     tree_equal,
 )
@@ -106,8 +107,8 @@ def test_bidirectional_equals_hand_built_directions(cfg, seed):
 def test_reverse_equals_flipping_input_and_output(cfg, seed):
     kc, kx, ks = jr.split(jr.key(seed), 3)
     cells = make_cells(cfg, kc)
-    backwards = stackrnn.StackedRNN(cells, reverse=True)
-    forwards = stackrnn.StackedRNN(cells)
+    backwards = stack_of(cells, reverse=True)
+    forwards = stack_of(cells)
     xs = inputs(cfg, kx)
     state = _random_state(forwards, ks)
     ys, final = eqx.filter_jit(backwards)(xs, state)
@@ -284,7 +285,7 @@ def test_resets_past_the_length_are_ignored(cfg, direction, length, flags, seed)
 )
 def test_step_loop_equals_full_call(cfg, reverse, dropout, seed):
     kc, kx, ks = jr.split(jr.key(seed), 3)
-    stack = stackrnn.StackedRNN(
+    stack = stack_of(
         make_cells(cfg, kc),
         reverse=reverse,
         dropout=dropout if cfg.num_layers > 1 else 0.0,
@@ -330,7 +331,7 @@ def test_all_layers_equal_shallower_stacks(cfg, direction, seed):
     assert tree_equal((outputs[-1], final), top_only)
     for i in range(cfg.num_layers):
         backward = stack.backward_cells
-        shallow = stackrnn.StackedRNN(
+        shallow = stack_of(
             stack.cells[: i + 1],
             backward_cells=None if backward is None else backward[: i + 1],
             reverse=stack.reverse,
@@ -407,21 +408,19 @@ def test_bad_sequence_options(getkey):
     with pytest.raises(ValueError, match="`step` needs a unidirectional stack"):
         bidi.step(xs[0], bidi.init_state())
     with pytest.raises(ValueError, match="`reverse=True` applies to unidirectional"):
-        stackrnn.StackedRNN(
-            bidi.cells, backward_cells=bidi.backward_cells, reverse=True
-        )
+        stack_of(bidi.cells, backward_cells=bidi.backward_cells, reverse=True)
     with pytest.raises(ValueError, match=r"one cell per layer \(=2\), got 1"):
-        stackrnn.StackedRNN(bidi.cells, backward_cells=bidi.backward_cells[:1])
+        stack_of(bidi.cells, backward_cells=bidi.backward_cells[:1])
     wrong = stackrnn.GRUCell(5, 4, key=getkey())
     with pytest.raises(ValueError, match=r"`backward_cells\[0\].input_size` \(=5\)"):
-        stackrnn.StackedRNN(bidi.cells, backward_cells=[wrong, bidi.backward_cells[1]])
+        stack_of(bidi.cells, backward_cells=[wrong, bidi.backward_cells[1]])
     with pytest.raises(
         ValueError,
         match=r"`cells\[1\].input_size` \(=4\) must equal `cells\[0\].output_size` "
         r"\+ `backward_cells\[0\].output_size` \(=8\)",
     ):
         cells = stackrnn.GRU(3, 4, num_layers=2, key=getkey()).cells
-        stackrnn.StackedRNN(cells, backward_cells=cells)
+        stack_of(cells, backward_cells=cells)
     with pytest.raises(TypeError, match="`bidirectional` must be a bool"):
         stackrnn.LSTM(3, 4, bidirectional=1, key=getkey())
 
@@ -471,8 +470,6 @@ def test_language_model_refuses_stacks_that_read_the_future(getkey):
     bidi = stackrnn.GRU(5, 4, num_layers=2, bidirectional=True, key=getkey())
     with pytest.raises(ValueError, match="`rnn` must read time forwards.*bidirect"):
         stackrnn.lm.RNNLM(bidi, 5, key=getkey())
-    backwards = stackrnn.StackedRNN(
-        stackrnn.GRU(5, 4, key=getkey()).cells, reverse=True
-    )
+    backwards = stack_of(stackrnn.GRU(5, 4, key=getkey()).cells, reverse=True)
     with pytest.raises(ValueError, match="`rnn` must read time forwards.*reverse"):
         stackrnn.lm.RNNLM(backwards, 5, key=getkey())

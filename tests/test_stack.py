@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import stackrnn
-from stackrnn._regularise import dropout
+from stackrnn._dropout import dropout
 from stackrnn.testing import (
     check_finite_clipped_grads,
     check_jit_consistent,
@@ -18,7 +18,7 @@ from stackrnn.testing import (
     make_cells,
 )
 
-from .helpers import tree_allclose, tree_equal
+from .helpers import stack_of, tree_allclose, tree_equal
 
 
 def _scan_by_hand(cell, xs, state):
@@ -42,7 +42,7 @@ def _loop_by_hand(cell, xs, state):
 def test_depth_one_equals_its_cell_bit_for_bit(cfg, seed):
     kc, kx, ks = jr.split(jr.key(seed), 3)
     (cell,) = make_cells(cfg, kc)
-    stack = stackrnn.StackedRNN([cell])
+    stack = stack_of([cell])
     xs = inputs(cfg, kx)
     state0 = jax.tree.map(lambda s: jr.normal(ks, s.shape), cell.init_state())
     ys, final = stack(xs, jax.tree.map(lambda s: s[None], state0))
@@ -55,7 +55,7 @@ def test_depth_one_equals_its_cell_bit_for_bit(cfg, seed):
 def test_stack_feeds_each_layer_the_layer_below(cfg, seed):
     kc, kx = jr.split(jr.key(seed))
     cells = make_cells(cfg, kc)
-    stack = stackrnn.StackedRNN(cells)
+    stack = stack_of(cells)
     xs = inputs(cfg, kx)
     ys, final = stack(xs)
 
@@ -80,7 +80,7 @@ def test_miswired_stack_is_caught(getkey):
         stackrnn.GRUCell(4, 4, key=getkey()),
     ]
     xs = jr.normal(getkey(), (5, 4))
-    ys, _ = stackrnn.StackedRNN(cells)(xs)
+    ys, _ = stack_of(cells)(xs)
     hs = xs
     for cell in cells[:-1]:
         hs, _ = _loop_by_hand(cell, xs, cell.init_state())
@@ -98,7 +98,7 @@ def test_miswired_stack_is_caught(getkey):
 def test_clipped_gradients_are_finite_and_bounded(kind, depth, scale, seed):
     cfg = Config(kind=kind, input_size=3, widths=(4,) * depth, bias=True, time=5)
     kc, kx, ky = jr.split(jr.key(seed), 3)
-    stack = stackrnn.StackedRNN(make_cells(cfg, kc))
+    stack = stack_of(make_cells(cfg, kc))
     xs = inputs(cfg, kx, scale=scale)
     target = jr.normal(ky, (cfg.time, stack.output_size))
 
@@ -112,7 +112,7 @@ def test_clipped_gradients_are_finite_and_bounded(kind, depth, scale, seed):
 @given(cfg=configs(max_layers=3, max_time=5), seed=st.integers(0, 2**16))
 def test_jit_and_vmap_match_eager_per_example(cfg, seed):
     kc, kx = jr.split(jr.key(seed))
-    stack = stackrnn.StackedRNN(make_cells(cfg, kc))
+    stack = stack_of(make_cells(cfg, kc))
     xs = inputs(cfg, kx, batch=3)
     check_vmap_consistent(eqx.filter_jit(stack), xs)
     check_jit_consistent(stack, xs[0])
@@ -122,13 +122,13 @@ def test_jit_and_vmap_match_eager_per_example(cfg, seed):
 def test_dropout_off_equals_no_dropout(cfg, seed):
     kc, kx, kd = jr.split(jr.key(seed), 3)
     cells = make_cells(cfg, kc)
-    plain = stackrnn.StackedRNN(cells)
+    plain = stack_of(cells)
     xs = inputs(cfg, kx)
     want = plain(xs)
-    p0 = stackrnn.StackedRNN(cells, dropout=0.0)
+    p0 = stack_of(cells, dropout=0.0)
     assert tree_equal(p0(xs, key=kd), want)
     if cfg.num_layers > 1:
-        half = stackrnn.StackedRNN(cells, dropout=0.5)
+        half = stack_of(cells, dropout=0.5)
         assert tree_equal(half(xs, inference=True), want)
         assert tree_equal(eqx.nn.inference_mode(half)(xs), want)
 
@@ -140,7 +140,7 @@ def test_dropout_off_equals_no_dropout(cfg, seed):
 def test_dropout_is_keyed_and_between_layers_only(cfg, seed):
     kc, kx, k1, k2 = jr.split(jr.key(seed), 4)
     cells = make_cells(cfg, kc)
-    stack = stackrnn.StackedRNN(cells, dropout=0.5)
+    stack = stack_of(cells, dropout=0.5)
     xs = inputs(cfg, kx)
     ys1, f1 = stack(xs, key=k1)
     ys1b, _ = stack(xs, key=k1)
@@ -245,7 +245,7 @@ def test_equinox_transforms_and_serialisation(getkey, tmp_path):
 @pytest.mark.parametrize("kind", ["rnn_tanh", "gru", "lstm_proj"])
 def test_initial_state_is_used(kind, getkey):
     cfg = Config(kind=kind, input_size=2, widths=(4, 4), bias=True, time=3)
-    stack = stackrnn.StackedRNN(make_cells(cfg, getkey()))
+    stack = stack_of(make_cells(cfg, getkey()))
     xs = inputs(cfg, getkey())
     zeros = stack.init_state()
     ones = jax.tree.map(jnp.ones_like, zeros)

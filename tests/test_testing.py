@@ -27,6 +27,8 @@ from stackrnn.testing import (
     states,
 )
 
+from .helpers import stack_of
+
 
 KEY = jr.key(0)
 
@@ -79,7 +81,7 @@ def test_depth_one_check_fails_on_a_stack_that_reads_backwards(getkey):
     xs = jr.normal(getkey(), (5, 3))
 
     def backwards(cells):
-        return stackrnn.StackedRNN(cells, reverse=True)
+        return stack_of(cells, reverse=True)
 
     with pytest.raises(AssertionError, match="depth-1 stack outputs vs the cell"):
         check_depth_one_matches_cell(cell, xs, stack=backwards)
@@ -111,7 +113,7 @@ class _D2LWiring(stackrnn.StackedRNN):
 def test_layer_wiring_check_fails_on_d2ls_wiring(getkey):
     cells = [stackrnn.GRUCell(4, 4, key=getkey()) for _ in range(3)]
     xs = jr.normal(getkey(), (5, 4))
-    check_layer_wiring(stackrnn.StackedRNN(cells), xs)
+    check_layer_wiring(stack_of(cells), xs)
     with pytest.raises(AssertionError, match="its layers applied in order"):
         check_layer_wiring(_D2LWiring(cells), xs)
 

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._cells import AbstractCell, ElmanCell, GRUCell, LSTMCell
-from .._regularise import zoneout_on
 from .._stack import StackedRNN
+from .._wrapped import AbstractWrappedCell
 
 
 Cell = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
@@ -280,6 +280,21 @@ def from_torch(
     )
 
 
+def _base(cell: AbstractCell) -> AbstractCell:
+    """The cell inside every wrapper of `cell`: the one holding its weights."""
+    while isinstance(cell, AbstractWrappedCell):
+        cell = cell.cell
+    return cell
+
+
+def _named_cells(stack: StackedRNN) -> list[tuple[str, AbstractCell]]:
+    named = [(f"stack.cells[{i}]", c) for i, c in enumerate(stack.cells)]
+    return named + [
+        (f"stack.backward_cells[{i}]", c)
+        for i, c in enumerate(stack.backward_cells or ())
+    ]
+
+
 def _stack_config(stack: StackedRNN):
     """The PyTorch configuration of `stack`, or an error naming the first cell that
     has none: a PyTorch module has one cell type and width for all its cells."""
@@ -290,13 +305,10 @@ def _stack_config(stack: StackedRNN):
             "PyTorch has no stacks that read time backwards only; `stack.reverse` "
             "must be False"
         )
-    named = [(f"stack.cells[{i}]", c) for i, c in enumerate(stack.cells)]
-    named += [
-        (f"stack.backward_cells[{i}]", c)
-        for i, c in enumerate(stack.backward_cells or ())
-    ]
+    named = _named_cells(stack)
     configs = []
     for name, c in named:
+        c = _base(c)
         if isinstance(c, ElmanCell):
             kind = f"rnn_{c.nonlinearity}"
         elif isinstance(c, GRUCell):
@@ -349,7 +361,7 @@ def to_torch(stack: StackedRNN) -> dict[str, "torch.Tensor"]:
     directions = (stack.cells, stack.backward_cells or ())
     return {
         _key(role, layer, d): torch.from_numpy(
-            np.array(getattr(directions[d][layer], role))
+            np.array(getattr(_base(directions[d][layer]), role))
         )
         for layer, d in _layers(stack.num_layers, config["bidirectional"])
         for role in _roles(config["bias"], config["proj_size"])
@@ -367,18 +379,29 @@ def to_torch_module(stack: StackedRNN) -> "torch.nn.RNNBase":
 
     A `torch.nn.RNN`, `torch.nn.GRU` or `torch.nn.LSTM` (with `batch_first=False`,
     the stack's `dropout`, and its parameters' dtype) holding `to_torch(stack)`.
-    PyTorch has none of the stack's other regularisers: a stack with `residual` or
-    `zoneout`, which change its outputs at inference too, raises a `ValueError`; the
-    training-only ones (`variational`, `recurrent_dropout`, `weight_drop`) are not
-    carried over.
+    PyTorch has none of the stack's other regularisers: a stack with `residual`
+    connections, or a wrapper cell that changes what a cell computes at inference
+    too (a [`stackrnn.Zoneout`][]), raises a `ValueError`; the training-only ones
+    (`variational` dropout, [`stackrnn.RecurrentDropout`][],
+    [`stackrnn.WeightDrop`][]) are not carried over.
     """
-    if stack.residual or zoneout_on(stack.zoneout):
-        option = "residual" if stack.residual else "zoneout"
+    if stack.residual:
         raise ValueError(
-            f"PyTorch's RNN modules have no `{option}`, which changes what the stack "
-            f"computes at inference too; `stack.{option}` is {getattr(stack, option)!r}"
+            "PyTorch's RNN modules have no `residual` connections, which change "
+            "what the stack computes at inference too; `stack.residual` is True"
         )
     config = _stack_config(stack)
+    for name, cell in _named_cells(stack):
+        xs = jnp.zeros((1, cell.input_size))
+        runs = jax.eval_shape(
+            lambda c=cell: c.for_sequence(xs, key=None, inference=True)[0]
+        )
+        if not isinstance(runs, (ElmanCell, GRUCell, LSTMCell)):
+            raise ValueError(
+                f"PyTorch's RNN modules have no `{type(cell).__name__}`, which "
+                f"changes what the stack computes at inference too: `{name}` is "
+                "one"
+            )
     state_dict = to_torch(stack)
     cell = config["cell"]
     kwargs = dict(

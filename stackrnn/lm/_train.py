@@ -30,6 +30,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
 from .._checks import check_size
+from .._wrapped import drop_weights, holds, WeightDrop
 from ._data import CharData
 from ._lm import RNNLM, sequence_loss
 
@@ -115,10 +116,10 @@ def _window_keys(model, key, size, inference, num_keys=None):
     window), repeated over windows beyond `num_keys`: a short last batch draws the
     masks of a full one's first windows, and a batch padded for several devices
     those of the unpadded one. Weight drop draws one mask for the whole batch, as
-    AWD-LSTM does (`StackedRNN.drop_weights`): one per window would multiply the
+    AWD-LSTM does (`stackrnn.drop_weights`): one per window would multiply the
     recurrent weights by the batch size."""
     weight_key = None
-    if not inference and model.rnn.weight_drop > 0:
+    if not inference and holds(model, WeightDrop):
         key, weight_key = jax.random.split(key)
     keys = jax.random.split(key, num_keys or size)
     if keys.shape[0] != size:
@@ -130,7 +131,7 @@ def _loss_sum(model, x, y, mask, keys, weight_key, inference):
     """The sum of the windows' mean losses, each weighted by `mask` (1 for a real
     window, 0 for padding)."""
     if weight_key is not None:
-        model = eqx.tree_at(lambda m: m.rnn, model, model.rnn.drop_weights(weight_key))
+        model = drop_weights(model, weight_key)
     losses = jax.vmap(
         lambda x, y, k: sequence_loss(model, x, y, key=k, inference=inference)
     )(x, y, keys)
@@ -253,7 +254,7 @@ def fit(
     uninterrupted run, bit for bit.
 
     Dropout masks are drawn per window, except weight drop's: one mask per batch
-    (AWD-LSTM's choice; see [`stackrnn.StackedRNN.drop_weights`][]).
+    (AWD-LSTM's choice; see [`stackrnn.drop_weights`][]).
 
     **Arguments:**
 

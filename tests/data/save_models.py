@@ -1,0 +1,96 @@
+"""Writes the saved models that `tests/test_saved.py` loads: one-liner stacks and a
+language model serialised with `eqx.tree_serialise_leaves`, their outputs (at
+inference, and in training from a fixed key, so the regularisers' masks are pinned),
+and a tiny `stackrnn train` run on The Time Machine with its model's outputs.
+
+Run once, on the code whose files must keep loading, from the repository root:
+
+    STACKRNN_DATA=timemachine.txt python tests/data/save_models.py
+"""
+
+import pathlib
+import shutil
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import stackrnn
+from stackrnn import Checkpoint
+from stackrnn.lm._cli import _new_state, DEFAULTS, main
+
+
+HERE = pathlib.Path(__file__).parent
+KEY = jax.random.key(0)
+
+
+def models():
+    """The saved models, by name: built here and rebuilt the same way by the test."""
+    k = jax.random.split(KEY, 4)
+    lstm = stackrnn.LSTM(
+        28,
+        16,
+        num_layers=2,
+        dropout=0.2,
+        recurrent_dropout=0.1,
+        zoneout=(0.1, 0.05),
+        weight_drop=0.2,
+        residual=True,
+        forget_bias=1.0,
+        key=k[1],
+    )
+    return {
+        "gru": stackrnn.GRU(28, 32, num_layers=2, key=k[0]),
+        "lstm_lm": stackrnn.lm.RNNLM(lstm, 28, embedding=True, key=k[2]),
+        "rnn_bidirectional": stackrnn.RNN(
+            5,
+            [6, 7],
+            num_layers=2,
+            dropout=0.3,
+            variational=True,
+            zoneout=0.2,
+            bidirectional=True,
+            checkpoint=2,
+            key=k[3],
+        ),
+    }
+
+
+def outputs(name, model):
+    """The model's outputs at inference and in training from a fixed key."""
+    if isinstance(model, stackrnn.lm.RNNLM):
+        tokens = jnp.arange(12) % 28
+        call = lambda **kw: model(tokens, **kw)[0]  # noqa: E731
+    else:
+        xs = jax.random.normal(jax.random.key(1), (9, model.input_size))
+        call = lambda **kw: model(xs, **kw)  # noqa: E731
+    leaves = jax.tree.leaves(
+        (call(inference=True), call(key=jax.random.key(2), inference=False))
+    )
+    return {f"out{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+
+
+def load_run(run):
+    """The language model of the `stackrnn train` run saved in `run`."""
+    saved = Checkpoint.read(run)
+    hp = {**DEFAULTS, **saved.hyperparameters}
+    model, _, opt_state = _new_state(hp, len(saved.vocab), jax.random.key(0))
+    return saved.load((model, opt_state))[0]
+
+
+if __name__ == "__main__":
+    for name, model in models().items():
+        eqx.tree_serialise_leaves(HERE / f"{name}.eqx", model)
+        np.savez(HERE / f"{name}.npz", **outputs(name, model))
+    run = HERE / "time-machine-run"
+    shutil.rmtree(run, ignore_errors=True)
+    main(
+        ["train", "--out", str(run), "--cell", "lstm", "--hidden", "8"]
+        + ["--dropout", "0.1", "--zoneout", "0.1", "--weight-drop", "0.2"]
+        + ["--recurrent-dropout", "0.1", "--num-steps", "8", "--num-train", "64"]
+        + ["--num-val", "32", "--batch-size", "32", "--epochs", "1", "--quiet"]
+    )
+    (run / "curves.png").unlink()
+    model = load_run(run)
+    np.savez(HERE / "time-machine-run.npz", **outputs("lstm_lm", model))

@@ -1,0 +1,42 @@
+"""Models saved by an earlier version load into today's: the one-liners build the
+same PyTree leaves in the same order, and compute the same numbers, at inference and
+in training from the same key (the regularisers' masks included).
+
+The files in tests/data were written by `tests/data/save_models.py`.
+"""
+
+import pathlib
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+from .data.save_models import load_run, models, outputs
+from .helpers import tree_equal
+
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def _assert_outputs(name, got):
+    want = np.load(DATA / f"{name}.npz")
+    assert sorted(got) == sorted(want.files)
+    for out in want.files:
+        np.testing.assert_allclose(got[out], want[out], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm_lm", "rnn_bidirectional"])
+def test_saved_one_liner_models_load(name):
+    built = models()[name]
+    # A skeleton with other values: only the file can give it the saved ones.
+    skeleton = jax.tree.map(lambda a: a + 1 if eqx.is_inexact_array(a) else a, built)
+    loaded = eqx.tree_deserialise_leaves(DATA / f"{name}.eqx", skeleton)
+    assert tree_equal(loaded, built)
+    _assert_outputs(name, outputs(name, loaded))
+
+
+def test_saved_time_machine_run_loads():
+    _assert_outputs(
+        "time-machine-run", outputs("lm", load_run(DATA / "time-machine-run"))
+    )
