@@ -8,9 +8,9 @@ kernels per step. Everything else is `stackrnn._fast`'s split: the input project
 gradients come from `recurrent_projection`'s linear tangent and the input
 projection's own derivative, so `grad(vmap(f))` contracts batch and time in single
 products and `vmap(grad(f))` stays per example. The handlers add `bias_ih` inside
-the loop (as its own pass over all steps' gates, XLA's addition cost about as much
-as the loop at width 32), and receive the batch of `jax.vmap` as a leading array
-axis (`vmap_method="expand_dims"`: unbatched weights are not copied).
+the loop (an XLA addition would be a pass of its own over every step's gates), and
+receive the batch of `jax.vmap` as a leading array axis (`vmap_method="expand_dims"`:
+unbatched weights are not copied).
 
 Without the kernels, `available()` is `False` and layers take the other paths; the
 numbers differ only by float rounding.
@@ -97,26 +97,25 @@ def _forward(cell, gates_x, bias_ih, state, reverse):
         c0,
         cell=kernels.CELLS[_kind(cell)],
         reverse=reverse,
-        keep_gates=True,
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _recurrence(cell, reverse, gates_x, bias_ih, gates_h, state, hs, cs):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recurrence(reverse, cell, gates_x, bias_ih, gates_h, state, hs, cs):
     """Returns `(hs, cs)` (computed by `_forward`). Its backward pass is the reverse
     loop: cotangents of the states in, cotangents of `gates_x`, `bias_ih`, `gates_h`
     and `state` out. `cell` (whose `weight_hh` the loop reads), `hs` and `cs` enter
     without gradient."""
-    del cell, reverse, gates_x, bias_ih, gates_h, state
+    del reverse, cell, gates_x, bias_ih, gates_h, state
     return hs, cs
 
 
-def _recurrence_fwd(cell, reverse, gates_x, bias_ih, gates_h, state, hs, cs):
-    return (hs, cs), (gates_x, bias_ih, gates_h, state, hs, cs)
+def _recurrence_fwd(reverse, cell, gates_x, bias_ih, gates_h, state, hs, cs):
+    return (hs, cs), (cell, gates_x, bias_ih, gates_h, state, hs, cs)
 
 
-def _recurrence_bwd(cell, reverse, residuals, cotangents):
-    gates_x, bias_ih, gates_h, state, hs, cs = residuals
+def _recurrence_bwd(reverse, residuals, cotangents):
+    cell, gates_x, bias_ih, gates_h, state, hs, cs = residuals
     d_hs, d_cs = cotangents
     h0, c0 = _split(cell, state)
     shapes = (
@@ -142,8 +141,8 @@ def _recurrence_bwd(cell, reverse, residuals, cotangents):
         reverse=reverse,
     )
     d_state = (d_h0, d_c0) if _kind(cell) == "lstm" else d_h0
-    no_gradient = jnp.zeros_like(hs), jnp.zeros_like(cs)
-    return (d_gates_x, jnp.sum(d_gates_x, 0), d_gates_h, d_state, *no_gradient)
+    d_cell, d_hs, d_cs = jax.tree.map(jnp.zeros_like, (cell, hs, cs))
+    return d_cell, d_gates_x, jnp.sum(d_gates_x, 0), d_gates_h, d_state, d_hs, d_cs
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -168,6 +167,6 @@ def scan_fused(cell, xs, state, *, reverse=False, unroll=1):
     gates_h = recurrent_projection(
         gates_h, jnp.concatenate(before), cell.weight_hh, cell.bias_hh
     )
-    hs, cs = _recurrence(fixed, reverse, gates_x, bias_ih, gates_h, state, hs, cs)
+    hs, cs = _recurrence(reverse, fixed, gates_x, bias_ih, gates_h, state, hs, cs)
     last = 0 if reverse else -1
     return hs, ((hs[last], cs[last]) if _kind(cell) == "lstm" else hs[last])

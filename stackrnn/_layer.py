@@ -11,6 +11,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._cells import AbstractCell, State
 from ._fast import scan_fast, supports
+from ._fused import scan_fused, supports as fused_supports
 
 
 # Below this width the reference path's backward pass (per-step weight-gradient
@@ -83,6 +84,19 @@ def scan_reference(
     return ys, final
 
 
+def layer_path(cell, *, fast=None, length=None, resets=None) -> str:
+    """The path `run_layer` takes for `cell` with these options: `"reference"`,
+    `"fast"` (`stackrnn._fast`) or `"fused"` (`stackrnn._fused`, when the
+    `stackrnn-kernels` accelerator is installed)."""
+    if length is not None or resets is not None or fast is False:
+        return "reference"
+    if fast is None and fused_supports(cell):
+        return "fused"
+    if fast is None:
+        fast = cell.hidden_size >= FAST_MIN_HIDDEN
+    return "fast" if fast and supports(cell) else "reference"
+
+
 def run_layer(
     cell,
     xs,
@@ -97,11 +111,13 @@ def run_layer(
     """Runs one layer; the stack's only way to do so. Same contract as
     `scan_reference`. With `fast=True` a cell that the fast path supports (see
     `stackrnn._fast`) takes it, unless `length` or `resets` is given: those options
-    exist on the reference path only, which is then taken. `fast=None` decides by
-    width: the fast path for `hidden_size >= FAST_MIN_HIDDEN`."""
-    if fast is None:
-        fast = cell.hidden_size >= FAST_MIN_HIDDEN
-    if fast and length is None and resets is None and supports(cell):
+    exist on the reference path only, which is then taken. `fast=None` takes the
+    fused path where it can (see `stackrnn._fused`), else decides by width: the fast
+    path for `hidden_size >= FAST_MIN_HIDDEN`. `layer_path` says which."""
+    path = layer_path(cell, fast=fast, length=length, resets=resets)
+    if path == "fused":
+        return scan_fused(cell, xs, state, reverse=reverse)
+    if path == "fast":
         return scan_fast(cell, xs, state, reverse=reverse, unroll=unroll)
     return scan_reference(
         cell, xs, state, reverse=reverse, unroll=unroll, length=length, resets=resets

@@ -374,10 +374,9 @@ constexpr int kRows = 4;
 // Forward: gates_x (*B, T, G) without its bias, bias_ih (G), weight_hh (G, H),
 // bias_hh (G), h0 (H), c0 (H) -> hs (*B, T, H), cs (*B, T, H), gates_h (*B, T, G)
 // (each argument's leading axes as `RowIndex` reads them). Without an LSTM, `c0`
-// and `cs` are empty; without `keep_gates` (no backward pass follows) `gates_h`
-// is empty and a step's recurrent projection lives in scratch only.
+// and `cs` are empty.
 template <typename T>
-ffi::Error Forward(ffi::ThreadPool& pool, int64_t cell, bool reverse, bool keep_gates,
+ffi::Error Forward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
                    ffi::AnyBuffer gx, ffi::AnyBuffer bx, ffi::AnyBuffer w,
                    ffi::AnyBuffer bh, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
                    ffi::Result<ffi::AnyBuffer>& hs, ffi::Result<ffi::AnyBuffer>& cs,
@@ -398,10 +397,9 @@ ffi::Error Forward(ffi::ThreadPool& pool, int64_t cell, bool reverse, bool keep_
   const T *h0p = In<T>(h0), *c0p = lstm ? In<T>(c0) : nullptr;
   T* hsp = Out<T>(hs);
   T* csp = lstm ? Out<T>(cs) : nullptr;
-  T* ghp = keep_gates ? Out<T>(gh) : nullptr;
+  T* ghp = Out<T>(gh);
 
   auto rows = [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(keep_gates ? 0 : kRows * G);
     for (int64_t b = begin; b < end;) {
       int n = 1;
       while (n < kRows && b + n < end && l.w[b + n] == l.w[b] && l.bh[b + n] == l.bh[b])
@@ -416,8 +414,7 @@ ffi::Error Forward(ffi::ThreadPool& pool, int64_t cell, bool reverse, bool keep_
       }
       for (int64_t i = 0; i < Tn; ++i) {
         int64_t t = reverse ? Tn - 1 - i : i;
-        for (int r = 0; r < n; ++r)
-          ghrow[r] = keep_gates ? ghp + ((b + r) * Tn + t) * G : scratch.data() + r * G;
+        for (int r = 0; r < n; ++r) ghrow[r] = ghp + ((b + r) * Tn + t) * G;
         if (n == kRows)
           Product<T, kRows>(hprev, m, H, G, bias, ghrow);
         else
@@ -534,18 +531,16 @@ ffi::Error Backward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardAny(ffi::ThreadPool pool, int64_t cell, bool reverse, bool keep_gates,
+ffi::Error ForwardAny(ffi::ThreadPool pool, int64_t cell, bool reverse,
                       ffi::AnyBuffer gx, ffi::AnyBuffer bx, ffi::AnyBuffer w,
                       ffi::AnyBuffer bh, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
                       ffi::Result<ffi::AnyBuffer> hs, ffi::Result<ffi::AnyBuffer> cs,
                       ffi::Result<ffi::AnyBuffer> gh) {
   switch (gx.element_type()) {
     case ffi::F32:
-      return Forward<float>(pool, cell, reverse, keep_gates, gx, bx, w, bh, h0, c0, hs,
-                            cs, gh);
+      return Forward<float>(pool, cell, reverse, gx, bx, w, bh, h0, c0, hs, cs, gh);
     case ffi::F64:
-      return Forward<double>(pool, cell, reverse, keep_gates, gx, bx, w, bh, h0, c0, hs,
-                             cs, gh);
+      return Forward<double>(pool, cell, reverse, gx, bx, w, bh, h0, c0, hs, cs, gh);
     default:
       return BadArgument("gates_x", "must be float32 or float64");
   }
@@ -577,7 +572,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StackrnnForward, ForwardAny,
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("cell")
                                   .Attr<bool>("reverse")
-                                  .Attr<bool>("keep_gates")
                                   .Arg<ffi::AnyBuffer>()  // gates_x
                                   .Arg<ffi::AnyBuffer>()  // bias_ih
                                   .Arg<ffi::AnyBuffer>()  // weight_hh
