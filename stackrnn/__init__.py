@@ -24,6 +24,7 @@ from ._init import (
     OrthogonalInit as OrthogonalInit,
     PyTorchInit as PyTorchInit,
 )
+from ._layer import layer_path as layer_path
 from ._lm import RNNLM as RNNLM, sequence_loss as sequence_loss
 from ._norm_cells import (
     LayerNormGRUCell as LayerNormGRUCell,

@@ -76,16 +76,14 @@ def _split(cell, state):
 
 
 def _forward(cell, gates_x, bias_ih, state, reverse):
-    """`(hs, cs, gates_h)`: every step's state and recurrent projection. No argument
-    carries a gradient."""
+    """`(hs, cs)`: every step's state. No argument carries a gradient."""
     h0, c0 = _split(cell, state)
-    time, width = gates_x.shape
+    time, _ = gates_x.shape
     dtype = gates_x.dtype
     lstm = _kind(cell) == "lstm"
     shapes = (
         jax.ShapeDtypeStruct((time, cell.hidden_size), dtype),
         jax.ShapeDtypeStruct((time, cell.hidden_size) if lstm else (0,), dtype),
-        jax.ShapeDtypeStruct((time, width), dtype),
     )
     call = jax.ffi.ffi_call(kernels.FORWARD, shapes, vmap_method="expand_dims")
     return call(
@@ -104,18 +102,19 @@ def _forward(cell, gates_x, bias_ih, state, reverse):
 def _recurrence(reverse, cell, gates_x, bias_ih, gates_h, state, hs, cs):
     """Returns `(hs, cs)` (computed by `_forward`). Its backward pass is the reverse
     loop: cotangents of the states in, cotangents of `gates_x`, `bias_ih`, `gates_h`
-    and `state` out. `cell` (whose `weight_hh` the loop reads), `hs` and `cs` enter
-    without gradient."""
+    and `state` out. `cell` (whose `weight_hh` and `bias_hh` the loop reads), `hs`
+    and `cs` enter without gradient; `gates_h` is read for its cotangent alone (the
+    loop recomputes the projections)."""
     del reverse, cell, gates_x, bias_ih, gates_h, state
     return hs, cs
 
 
 def _recurrence_fwd(reverse, cell, gates_x, bias_ih, gates_h, state, hs, cs):
-    return (hs, cs), (cell, gates_x, bias_ih, gates_h, state, hs, cs)
+    return (hs, cs), (cell, gates_x, bias_ih, state, hs, cs)
 
 
 def _recurrence_bwd(reverse, residuals, cotangents):
-    cell, gates_x, bias_ih, gates_h, state, hs, cs = residuals
+    cell, gates_x, bias_ih, state, hs, cs = residuals
     d_hs, d_cs = cotangents
     h0, c0 = _split(cell, state)
     shapes = (
@@ -132,7 +131,6 @@ def _recurrence_bwd(reverse, residuals, cotangents):
         _bias(cell, "bias_hh"),
         h0,
         c0,
-        gates_h,
         hs,
         cs,
         d_hs,
@@ -156,16 +154,14 @@ def scan_fused(cell, xs, state, *, reverse=False, unroll=1):
     fixed = stop(cell)
     gates_x = xs @ cell.weight_ih.T  # all steps in one product
     bias_ih = _bias(cell, "bias_ih")
-    # The loop keeps every step's recurrent projection, which only a backward pass
-    # reads: a custom call cannot tell whether one follows, and the rule that could
-    # (a `custom_jvp` around it all) cannot hold the `custom_vjp` below.
-    hs, cs, gates_h = _forward(
-        fixed, stop(gates_x), stop(bias_ih), stop(state), reverse
-    )
+    hs, cs = _forward(fixed, stop(gates_x), stop(bias_ih), stop(state), reverse)
     h0, _ = _split(cell, stop(state))
     before = (hs[1:], h0[None]) if reverse else (h0[None], hs[:-1])
+    # The recurrent projections carry the weight gradients as in `scan_fast`; their
+    # values are never read (the backward loop recomputes them), so an array of
+    # their shape and batch stands in and nothing computes or stores them.
     gates_h = recurrent_projection(
-        gates_h, jnp.concatenate(before), cell.weight_hh, cell.bias_hh
+        stop(gates_x), jnp.concatenate(before), cell.weight_hh, cell.bias_hh
     )
     hs, cs = _recurrence(reverse, fixed, gates_x, bias_ih, gates_h, state, hs, cs)
     last = 0 if reverse else -1

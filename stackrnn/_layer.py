@@ -84,10 +84,27 @@ def scan_reference(
     return ys, final
 
 
-def layer_path(cell, *, fast=None, length=None, resets=None) -> str:
-    """The path `run_layer` takes for `cell` with these options: `"reference"`,
-    `"fast"` (`stackrnn._fast`) or `"fused"` (`stackrnn._fused`, when the
-    `stackrnn-kernels` accelerator is installed)."""
+def layer_path(cell: AbstractCell, *, fast=None, length=None, resets=None) -> str:
+    """Which path a layer of `cell` takes, as a stack runs it.
+
+    `"reference"`: `jax.lax.scan` over the cell's step. `"fast"`: the input
+    projection out of the loop and a hand-written backward pass. `"fused"`: the fast
+    path with its loop and the loop's reverse each one CPU kernel, taken with
+    `fast=None` when the optional accelerator is installed (`pip install ./kernels`
+    from the repository) for Elman, GRU and LSTM cells (without `proj_size`) of
+    float32 or float64.
+
+    **Arguments:**
+
+    - `cell`: the layer's cell.
+    - `fast`: as [`stackrnn.StackedRNN`][]'s. (Keyword only argument.)
+    - `length`, `resets`: whether the call gives them (only the reference path has
+      them). (Keyword only arguments.)
+
+    **Returns:**
+
+    `"reference"`, `"fast"` or `"fused"`.
+    """
     if length is not None or resets is not None or fast is False:
         return "reference"
     if fast is None and fused_supports(cell):

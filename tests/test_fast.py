@@ -201,8 +201,10 @@ def test_sequence_options_take_the_reference_path(option, getkey):
 
 
 @pytest.mark.parametrize("width, fast", [(511, False), (512, True)])
-def test_default_picks_the_path_by_width(width, fast):
-    """`fast=None` takes the fast path from `hidden_size` 512 on (traced, not run)."""
+def test_default_picks_the_path_by_width(width, fast, monkeypatch):
+    """Without the accelerator (tests/test_fused.py covers it), `fast=None` takes the
+    fast path from `hidden_size` 512 on (traced, not run)."""
+    monkeypatch.setattr(stackrnn._fused, "kernels", None)
     stack = stackrnn.GRU(2, width, key=jr.key(0))
     jaxpr = str(jax.make_jaxpr(stack)(jnp.zeros((2, 2))))
     assert ("custom_vjp_call" in jaxpr) == fast

@@ -13,7 +13,7 @@ from hypothesis import given, strategies as st
 
 import stackrnn
 from stackrnn import _fused
-from stackrnn._layer import layer_path, run_layer, scan_reference
+from stackrnn._layer import run_layer, scan_reference
 
 from .helpers import tree_allclose, x64
 
@@ -71,7 +71,7 @@ def test_fused_equals_reference(kind, shape, dtype, bias, reverse, seed):
         batch, time, input_size, hidden_size = shape
         kc, kx, ks = jr.split(jr.key(seed), 3)
         cell = _cell(kind, input_size, hidden_size, bias, dtype, kc)
-        assert layer_path(cell) == "fused"
+        assert stackrnn.layer_path(cell) == "fused"
         xs = jr.normal(kx, (batch, time, input_size), dtype)
         states = jax.vmap(lambda k: _random_state(cell, k))(jr.split(ks, batch))
         tol = dict(rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
@@ -107,7 +107,7 @@ def test_stack_takes_the_fused_path_by_default(kind):
         _cell(kind, i, 8, True, jnp.float32, k) for i, k in zip((5, 8), jr.split(key))
     )
     xs = jr.normal(jr.key(1), (6, 5))
-    assert all(layer_path(c) == "fused" for c in cells)
+    assert all(stackrnn.layer_path(c) == "fused" for c in cells)
     fused = stackrnn.StackedRNN(cells)
     reference = stackrnn.StackedRNN(cells, fast=False)
 
@@ -131,7 +131,7 @@ def test_without_the_accelerator_layers_take_the_jax_paths(monkeypatch):
     with_kernels = run_layer(cell, xs, state)
     monkeypatch.setattr(_fused, "kernels", None)
     assert not _fused.available()
-    assert layer_path(cell) == "reference"
+    assert stackrnn.layer_path(cell) == "reference"
     without = run_layer(cell, xs, state)
     assert tree_allclose(without, scan_reference(cell, xs, state), rtol=0, atol=0)
     assert tree_allclose(without, with_kernels, rtol=1e-5, atol=1e-5)
@@ -141,10 +141,30 @@ def test_cells_the_kernels_lack_take_the_jax_paths():
     """An LSTM with `proj_size` and the layer-normalised cells are not fused; neither
     is a layer with `length` or `resets`, nor one forced by `fast`."""
     key = jr.key(0)
-    assert layer_path(stackrnn.LSTMCell(3, 4, proj_size=2, key=key)) == "reference"
-    assert layer_path(stackrnn.LayerNormGRUCell(3, 4, key=key)) == "reference"
+    projected = stackrnn.LSTMCell(3, 4, proj_size=2, key=key)
+    assert stackrnn.layer_path(projected) == "reference"
+    assert stackrnn.layer_path(stackrnn.LayerNormGRUCell(3, 4, key=key)) == "reference"
     gru = stackrnn.GRUCell(3, 4, key=key)
-    assert layer_path(gru, length=2) == "reference"
-    assert layer_path(gru, resets=jnp.zeros(3, bool)) == "reference"
-    assert layer_path(gru, fast=True) == "fast"
-    assert layer_path(gru, fast=False) == "reference"
+    assert stackrnn.layer_path(gru, length=2) == "reference"
+    assert stackrnn.layer_path(gru, resets=jnp.zeros(3, bool)) == "reference"
+    assert stackrnn.layer_path(gru, fast=True) == "fast"
+    assert stackrnn.layer_path(gru, fast=False) == "reference"
+
+
+@needs_kernels
+def test_fused_under_checkpoint_and_vmap():
+    """`jax.checkpoint` inside `jax.vmap` (as a checkpointed stack runs its layers)
+    with an unbatched initial state: every cotangent keeps its example's batch."""
+    cell = stackrnn.GRUCell(3, 4, key=jr.key(0))
+    xs = jr.normal(jr.key(1), (2, 5, 3))
+
+    def loss(scan):
+        def per_example(cell, x):
+            ys, _ = jax.checkpoint(scan)(cell, x, cell.init_state())
+            return jnp.sum(jnp.sin(ys))
+
+        return jax.grad(lambda c: jnp.sum(jax.vmap(per_example, (None, 0))(c, xs)))
+
+    got = jax.jit(loss(_fused.scan_fused))(cell)
+    want = loss(scan_reference)(cell)
+    assert tree_allclose(got, want, rtol=1e-5, atol=1e-5)

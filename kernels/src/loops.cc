@@ -368,38 +368,46 @@ ffi::ErrorOr<Layer> Check(int64_t cell, const Batch& batch, ffi::AnyBuffer gx,
   return l;
 }
 
-// Rows sharing one weight are processed this many at a time.
-constexpr int kRows = 4;
-
-// Forward: gates_x (*B, T, G) without its bias, bias_ih (G), weight_hh (G, H),
-// bias_hh (G), h0 (H), c0 (H) -> hs (*B, T, H), cs (*B, T, H), gates_h (*B, T, G)
-// (each argument's leading axes as `RowIndex` reads them). Without an LSTM, `c0`
-// and `cs` are empty.
+// weight_hh transposed once per distinct weight, so that a step's product
+// `h @ weight_hh.T` reads it by rows.
 template <typename T>
-ffi::Error Forward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
-                   ffi::AnyBuffer gx, ffi::AnyBuffer bx, ffi::AnyBuffer w,
-                   ffi::AnyBuffer bh, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
-                   ffi::Result<ffi::AnyBuffer>& hs, ffi::Result<ffi::AnyBuffer>& cs,
-                   ffi::Result<ffi::AnyBuffer>& gh) {
-  auto checked = Check(cell, BatchOf(*hs, 2), gx, bx, w, bh, h0, c0);
-  if (checked.has_error()) return checked.error();
-  const Layer& l = *checked;
-  const int64_t Tn = l.T, H = l.H, G = l.G;
-  const bool lstm = cell == kLstm;
-  // weight_hh transposed once per distinct weight, so that a step reads it by rows.
+std::vector<T> Transposed(const Layer& l, ffi::AnyBuffer w) {
+  const int64_t G = l.G, H = l.H;
   int64_t nw = 1 + *std::max_element(l.w.begin(), l.w.end());
   std::vector<T> wt(nw * G * H);
   for (int64_t q = 0; q < nw; ++q)
     for (int64_t g = 0; g < G; ++g)
       for (int64_t k = 0; k < H; ++k)
         wt[q * G * H + k * G + g] = In<T>(w)[q * G * H + g * H + k];
+  return wt;
+}
+
+// Rows sharing one weight are processed this many at a time.
+constexpr int kRows = 4;
+
+// Forward: gates_x (*B, T, G) without its bias, bias_ih (G), weight_hh (G, H),
+// bias_hh (G), h0 (H), c0 (H) -> hs (*B, T, H), cs (*B, T, H) (each argument's
+// leading axes as `RowIndex` reads them). Without an LSTM, `c0` and `cs` are empty.
+// A step's recurrent projection lives in scratch: the backward loop recomputes it,
+// which cost less than writing and reading it back for all steps.
+template <typename T>
+ffi::Error Forward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
+                   ffi::AnyBuffer gx, ffi::AnyBuffer bx, ffi::AnyBuffer w,
+                   ffi::AnyBuffer bh, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
+                   ffi::Result<ffi::AnyBuffer>& hs, ffi::Result<ffi::AnyBuffer>& cs) {
+  auto checked = Check(cell, BatchOf(*hs, 2), gx, bx, w, bh, h0, c0);
+  if (checked.has_error()) return checked.error();
+  const Layer& l = *checked;
+  const int64_t Tn = l.T, H = l.H, G = l.G;
+  const bool lstm = cell == kLstm;
+  std::vector<T> wt = Transposed<T>(l, w);
   const T *gxp = In<T>(gx), *bxp = In<T>(bx), *bhp = In<T>(bh);
   const T *h0p = In<T>(h0), *c0p = lstm ? In<T>(c0) : nullptr;
   T* hsp = Out<T>(hs);
   T* csp = lstm ? Out<T>(cs) : nullptr;
-  T* ghp = Out<T>(gh);
 
   auto rows = [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(kRows * G);
     for (int64_t b = begin; b < end;) {
       int n = 1;
       while (n < kRows && b + n < end && l.w[b + n] == l.w[b] && l.bh[b + n] == l.bh[b])
@@ -414,7 +422,7 @@ ffi::Error Forward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
       }
       for (int64_t i = 0; i < Tn; ++i) {
         int64_t t = reverse ? Tn - 1 - i : i;
-        for (int r = 0; r < n; ++r) ghrow[r] = ghp + ((b + r) * Tn + t) * G;
+        for (int r = 0; r < n; ++r) ghrow[r] = scratch.data() + r * G;
         if (n == kRows)
           Product<T, kRows>(hprev, m, H, G, bias, ghrow);
         else
@@ -436,14 +444,14 @@ ffi::Error Forward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
   return ffi::Error::Success();
 }
 
-// Backward: the forward's arguments, `gates_h`, `hs`, `cs` (the forward's
-// results) and their cotangents `dhs`, `dcs` -> d gates_x, d gates_h (*B, T, G)
+// Backward: the forward's arguments, `hs`, `cs` (the forward's results) and their
+// cotangents `dhs`, `dcs` -> d gates_x, d gates_h (*B, T, G)
 // and d h0, d c0 (*B, H). Without an LSTM, `cs`, `dcs` and `d c0` are empty.
 template <typename T>
 ffi::Error Backward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
                     ffi::AnyBuffer gx, ffi::AnyBuffer bx, ffi::AnyBuffer w,
                     ffi::AnyBuffer bh, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
-                    ffi::AnyBuffer ghb, ffi::AnyBuffer hs, ffi::AnyBuffer cs,
+                    ffi::AnyBuffer hs, ffi::AnyBuffer cs,
                     ffi::AnyBuffer dhs, ffi::AnyBuffer dcs,
                     ffi::Result<ffi::AnyBuffer>& dgx, ffi::Result<ffi::AnyBuffer>& dgh,
                     ffi::Result<ffi::AnyBuffer>& dh0, ffi::Result<ffi::AnyBuffer>& dc0) {
@@ -453,21 +461,24 @@ ffi::Error Backward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
   const Layer& l = *checked;
   const int64_t Tn = l.T, H = l.H, G = l.G;
   const bool lstm = cell == kLstm;
-  std::vector<int64_t> gh_i, hs_i, cs_i, dhs_i, dcs_i;
+  std::vector<int64_t> hs_i, cs_i, dhs_i, dcs_i;
   struct Arg {
     ffi::AnyBuffer buf;
     const char* name;
     std::vector<int64_t>* index;
   };
-  Arg args[] = {{ghb, "gates_h", &gh_i}, {hs, "hs", &hs_i}, {cs, "cs", &cs_i},
-                {dhs, "dhs", &dhs_i},    {dcs, "dcs", &dcs_i}};
+  Arg args[] = {{hs, "hs", &hs_i},
+                {cs, "cs", &cs_i},
+                {dhs, "dhs", &dhs_i},
+                {dcs, "dcs", &dcs_i}};
   for (Arg& a : args) {
     if (!lstm && (a.index == &cs_i || a.index == &dcs_i)) continue;
     auto index = RowIndex(batch, a.buf, 2, a.name);
     if (index.has_error()) return index.error();
     *a.index = std::move(*index);
   }
-  const T *gxp = In<T>(gx), *bxp = In<T>(bx), *wp = In<T>(w), *ghp = In<T>(ghb);
+  std::vector<T> wt = Transposed<T>(l, w);
+  const T *gxp = In<T>(gx), *bxp = In<T>(bx), *wp = In<T>(w), *bhp = In<T>(bh);
   const T *h0p = In<T>(h0), *c0p = lstm ? In<T>(c0) : nullptr;
   const T *hsp = In<T>(hs), *csp = lstm ? In<T>(cs) : nullptr;
   const T *dhsp = In<T>(dhs), *dcsp = lstm ? In<T>(dcs) : nullptr;
@@ -475,8 +486,9 @@ ffi::Error Backward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
   T* dc0p = lstm ? Out<T>(dc0) : nullptr;
 
   auto rows = [&](int64_t begin, int64_t end) {
-    // Per block of rows: the carried cotangents, the step's, and the product's.
-    std::vector<T> buf(kRows * 5 * H, T(0));
+    // Per block of rows: the carried cotangents, the step's, and the product's;
+    // the recomputed recurrent projections.
+    std::vector<T> buf(kRows * 5 * H, T(0)), gh(kRows * G);
     T* carry_h = buf.data();
     T* carry_c = carry_h + kRows * H;
     T* dh = carry_c + kRows * H;
@@ -484,18 +496,30 @@ ffi::Error Backward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
     T* from_w = dc + kRows * H;
     for (int64_t b = begin; b < end;) {
       int n = 1;
-      while (n < kRows && b + n < end && l.w[b + n] == l.w[b]) ++n;
+      while (n < kRows && b + n < end && l.w[b + n] == l.w[b] && l.bh[b + n] == l.bh[b])
+        ++n;
       const T* m = wp + l.w[b] * G * H;  // (G, H): dh_prev += dgh @ weight_hh
+      const T* mt = wt.data() + l.w[b] * G * H;
+      const T* bias = bhp + l.bh[b] * G;
       std::fill(buf.begin(), buf.end(), T(0));
       for (int64_t i = 0; i < Tn; ++i) {
         int64_t t = reverse ? i : Tn - 1 - i;  // the forward loop's order, reversed
         bool first = reverse ? t == Tn - 1 : t == 0;
         int64_t tp = reverse ? t + 1 : t - 1;
-        const T* dghrow[kRows];
-        T* fw[kRows];
+        const T *dghrow[kRows], *hprev[kRows];
+        T *fw[kRows], *ghrow[kRows];
+        for (int r = 0; r < n; ++r) {
+          int64_t br = b + r;
+          hprev[r] = first ? h0p + l.h0[br] * H : hsp + (hs_i[br] * Tn + tp) * H;
+          ghrow[r] = gh.data() + r * G;
+        }
+        if (n == kRows)
+          Product<T, kRows>(hprev, mt, H, G, bias, ghrow);
+        else
+          for (int r = 0; r < n; ++r) Product<T, 1>(&hprev[r], mt, H, G, bias, &ghrow[r]);
         for (int r = 0; r < n; ++r) {
           int64_t br = b + r, row = br * Tn + t;
-          const T* hp = first ? h0p + l.h0[br] * H : hsp + (hs_i[br] * Tn + tp) * H;
+          const T* hp = hprev[r];
           const T* cp = nullptr;
           if (lstm) cp = first ? c0p + l.c0[br] * H : csp + (cs_i[br] * Tn + tp) * H;
           T* dhr = dh + r * H;
@@ -507,7 +531,7 @@ ffi::Error Backward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
             for (int64_t j = 0; j < H; ++j) dcr[j] = dcs_row[j] + carry_c[r * H + j];
           }
           StepBackward<T>(cell, H, gxp + (l.gx[br] * Tn + t) * G, bxp + l.bx[br] * G,
-                          ghp + (gh_i[br] * Tn + t) * G, hp, cp,
+                          ghrow[r], hp, cp,
                           hsp + (hs_i[br] * Tn + t) * H, dhr, dcr, dgxp + row * G,
                           dghp + row * G, carry_h + r * H, carry_c + r * H);
           dghrow[r] = dghp + row * G;
@@ -534,13 +558,12 @@ ffi::Error Backward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
 ffi::Error ForwardAny(ffi::ThreadPool pool, int64_t cell, bool reverse,
                       ffi::AnyBuffer gx, ffi::AnyBuffer bx, ffi::AnyBuffer w,
                       ffi::AnyBuffer bh, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
-                      ffi::Result<ffi::AnyBuffer> hs, ffi::Result<ffi::AnyBuffer> cs,
-                      ffi::Result<ffi::AnyBuffer> gh) {
+                      ffi::Result<ffi::AnyBuffer> hs, ffi::Result<ffi::AnyBuffer> cs) {
   switch (gx.element_type()) {
     case ffi::F32:
-      return Forward<float>(pool, cell, reverse, gx, bx, w, bh, h0, c0, hs, cs, gh);
+      return Forward<float>(pool, cell, reverse, gx, bx, w, bh, h0, c0, hs, cs);
     case ffi::F64:
-      return Forward<double>(pool, cell, reverse, gx, bx, w, bh, h0, c0, hs, cs, gh);
+      return Forward<double>(pool, cell, reverse, gx, bx, w, bh, h0, c0, hs, cs);
     default:
       return BadArgument("gates_x", "must be float32 or float64");
   }
@@ -549,16 +572,16 @@ ffi::Error ForwardAny(ffi::ThreadPool pool, int64_t cell, bool reverse,
 ffi::Error BackwardAny(ffi::ThreadPool pool, int64_t cell, bool reverse,
                        ffi::AnyBuffer gx, ffi::AnyBuffer bx, ffi::AnyBuffer w,
                        ffi::AnyBuffer bh, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
-                       ffi::AnyBuffer gh, ffi::AnyBuffer hs, ffi::AnyBuffer cs,
+                       ffi::AnyBuffer hs, ffi::AnyBuffer cs,
                        ffi::AnyBuffer dhs, ffi::AnyBuffer dcs,
                        ffi::Result<ffi::AnyBuffer> dgx, ffi::Result<ffi::AnyBuffer> dgh,
                        ffi::Result<ffi::AnyBuffer> dh0, ffi::Result<ffi::AnyBuffer> dc0) {
   switch (gx.element_type()) {
     case ffi::F32:
-      return Backward<float>(pool, cell, reverse, gx, bx, w, bh, h0, c0, gh, hs, cs, dhs,
-                             dcs, dgx, dgh, dh0, dc0);
+      return Backward<float>(pool, cell, reverse, gx, bx, w, bh, h0, c0, hs, cs, dhs, dcs,
+                             dgx, dgh, dh0, dc0);
     case ffi::F64:
-      return Backward<double>(pool, cell, reverse, gx, bx, w, bh, h0, c0, gh, hs, cs, dhs,
+      return Backward<double>(pool, cell, reverse, gx, bx, w, bh, h0, c0, hs, cs, dhs,
                               dcs, dgx, dgh, dh0, dc0);
     default:
       return BadArgument("gates_x", "must be float32 or float64");
@@ -580,7 +603,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StackrnnForward, ForwardAny,
                                   .Arg<ffi::AnyBuffer>()  // c0
                                   .Ret<ffi::AnyBuffer>()  // hs
                                   .Ret<ffi::AnyBuffer>()  // cs
-                                  .Ret<ffi::AnyBuffer>()  // gates_h
 );
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StackrnnBackward, BackwardAny,
@@ -594,7 +616,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StackrnnBackward, BackwardAny,
                                   .Arg<ffi::AnyBuffer>()  // bias_hh
                                   .Arg<ffi::AnyBuffer>()  // h0
                                   .Arg<ffi::AnyBuffer>()  // c0
-                                  .Arg<ffi::AnyBuffer>()  // gates_h
                                   .Arg<ffi::AnyBuffer>()  // hs
                                   .Arg<ffi::AnyBuffer>()  // cs
                                   .Arg<ffi::AnyBuffer>()  // dhs
