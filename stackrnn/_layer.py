@@ -18,6 +18,10 @@ from ._fused import scan_fused, supports as fused_supports
 # products, fewer stored arrays) measured faster on CPU than the fast path's
 # (docs/benchmarks.md); from it on, single products over all steps win.
 FAST_MIN_HIDDEN = 512
+# Up to this width the fused path (the optional accelerator) measured faster than the
+# other paths on CPU; at 256 its backward loop's products measured slower than XLA's
+# (benchmarks/README.md).
+FUSED_MAX_HIDDEN = 128
 
 
 def scan_reference(
@@ -92,7 +96,7 @@ def layer_path(cell: AbstractCell, *, fast=None, length=None, resets=None) -> st
     path with its loop and the loop's reverse each one CPU kernel, taken with
     `fast=None` when the optional accelerator is installed (`pip install ./kernels`
     from the repository) for Elman, GRU and LSTM cells (without `proj_size`) of
-    float32 or float64.
+    float32 or float64 and `hidden_size <= FUSED_MAX_HIDDEN` (128).
 
     **Arguments:**
 
@@ -107,7 +111,7 @@ def layer_path(cell: AbstractCell, *, fast=None, length=None, resets=None) -> st
     """
     if length is not None or resets is not None or fast is False:
         return "reference"
-    if fast is None and fused_supports(cell):
+    if fast is None and fused_supports(cell) and cell.hidden_size <= FUSED_MAX_HIDDEN:
         return "fused"
     if fast is None:
         fast = cell.hidden_size >= FAST_MIN_HIDDEN
@@ -128,9 +132,10 @@ def run_layer(
     """Runs one layer; the stack's only way to do so. Same contract as
     `scan_reference`. With `fast=True` a cell that the fast path supports (see
     `stackrnn._fast`) takes it, unless `length` or `resets` is given: those options
-    exist on the reference path only, which is then taken. `fast=None` takes the
-    fused path where it can (see `stackrnn._fused`), else decides by width: the fast
-    path for `hidden_size >= FAST_MIN_HIDDEN`. `layer_path` says which."""
+    exist on the reference path only, which is then taken. `fast=None` decides by
+    width: the fused path (see `stackrnn._fused`) for `hidden_size <=
+    FUSED_MAX_HIDDEN` where the accelerator is installed, the fast path for
+    `hidden_size >= FAST_MIN_HIDDEN`. `layer_path` says which."""
     path = layer_path(cell, fast=fast, length=length, resets=resets)
     if path == "fused":
         return scan_fused(cell, xs, state, reverse=reverse)

@@ -138,12 +138,14 @@ def test_without_the_accelerator_layers_take_the_jax_paths(monkeypatch):
 
 
 def test_cells_the_kernels_lack_take_the_jax_paths():
-    """An LSTM with `proj_size` and the layer-normalised cells are not fused; neither
-    is a layer with `length` or `resets`, nor one forced by `fast`."""
+    """An LSTM with `proj_size`, the layer-normalised cells and layers wider than
+    `FUSED_MAX_HIDDEN` are not fused; neither is a layer with `length` or `resets`,
+    nor one forced by `fast`."""
     key = jr.key(0)
     projected = stackrnn.LSTMCell(3, 4, proj_size=2, key=key)
     assert stackrnn.layer_path(projected) == "reference"
     assert stackrnn.layer_path(stackrnn.LayerNormGRUCell(3, 4, key=key)) == "reference"
+    assert stackrnn.layer_path(stackrnn.GRUCell(3, 256, key=key)) == "reference"
     gru = stackrnn.GRUCell(3, 4, key=key)
     assert stackrnn.layer_path(gru, length=2) == "reference"
     assert stackrnn.layer_path(gru, resets=jnp.zeros(3, bool)) == "reference"
