@@ -104,7 +104,7 @@ def _by_gate(gates, cell):
 
 
 @jax.custom_jvp
-def _recurrent_projection(value, h_prev, weight, bias):
+def recurrent_projection(value, h_prev, weight, bias):
     """Returns `value`, already computed by `_run` as `h_prev @ weight.T + bias`; its
     derivative is that of the affine map in `weight` and `bias` alone: `h_prev` enters
     without gradient, the reverse scan accounts for it."""
@@ -130,7 +130,7 @@ def _is_zero(tangent):
     return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
 
 
-_recurrent_projection.defjvp(_recurrent_projection_jvp, symbolic_zeros=True)
+recurrent_projection.defjvp(_recurrent_projection_jvp, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -186,7 +186,7 @@ def scan_fast(cell, xs, state, *, reverse=False, unroll=1):
     fixed = stop(cell)
     gates_x = _affine(cell.weight_ih, xs, cell.bias_ih)  # all steps in one product
     states, prev, h_prev, gates_h = _run(fixed, stop(gates_x), stop(state), unroll)
-    gates_h = _recurrent_projection(gates_h, h_prev, cell.weight_hh, cell.bias_hh)
+    gates_h = recurrent_projection(gates_h, h_prev, cell.weight_hh, cell.bias_hh)
     states = _recurrence(fixed, gates_x, gates_h, states, prev, state, unroll)
     ys = jax.vmap(cell.output)(states)
     return ys, jax.tree.map(lambda s: s[-1], states)
