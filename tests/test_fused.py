@@ -125,9 +125,9 @@ def test_stack_takes_the_fused_path_by_default(kind):
 
 
 def test_without_the_accelerator_layers_take_the_jax_paths(monkeypatch):
-    """The same call, the accelerator removed: the reference path below
-    `ByWidth`'s `min_hidden`, with the reference's numbers (and the fused path's, where it
-    is installed)."""
+    """The same call, the accelerator removed: the reference path below `ByWidth`'s
+    `min_hidden`, with the reference's numbers (and the fused path's, where it is
+    installed)."""
     cell = stackrnn.GRUCell(5, 8, key=jr.key(0))
     xs = jr.normal(jr.key(1), (6, 5))
     state = _random_state(cell, jr.key(2))
