@@ -316,6 +316,26 @@ def test_wrong_shape():
     )
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_one_bad_recurrent_weight_is_named_alone(layers):
+    """The width comes from the tensors that agree, not from the broken one."""
+    state_dict = dict(torch.nn.GRU(3, 4, layers).state_dict())
+    state_dict["weight_hh_l0"] = torch.zeros(15, 5)
+    with pytest.raises(ValueError) as e:
+        from_torch(state_dict, cell="gru")
+    message = str(e.value)
+    assert "hidden_size=4" in message
+    assert message.endswith(
+        "wrong shapes: `weight_hh_l0`: expected (12, 4), found (15, 5)"
+    ), message
+
+
+def test_to_torch_refuses_zoneout(getkey):
+    stack = stackrnn.GRU(3, 4, num_layers=2, zoneout=0.1, key=getkey())
+    with pytest.raises(ValueError, match=r"no `Zoneout`.*`stack.cells\[0\]`"):
+        to_torch(stack)
+
+
 def test_lstm_state_dict_given_as_gru():
     state_dict = torch.nn.LSTM(3, 4).state_dict()
     with pytest.raises(ValueError) as e:

@@ -104,6 +104,24 @@ def _to_numpy(name, value) -> np.ndarray:
     return np.asarray(value)
 
 
+def _hidden_size(cell, arrays) -> int:
+    """`weight_hh_l0`'s column count, unless the other tensors that give the width
+    agree on another one: then `weight_hh_l0` is the badly shaped tensor, and the
+    shape check names it alone rather than every other."""
+    gates = _GATES[cell]
+    own = arrays["weight_hh_l0"].shape[1]
+    others = []
+    for name in ("weight_ih_l0", "bias_ih_l0", "bias_hh_l0", "weight_hh_l1"):
+        if name in arrays and arrays[name].ndim >= 1:
+            rows = arrays[name].shape[0]
+            others.append(rows // gates if rows % gates == 0 else None)
+    if "weight_hh_l1" in arrays and arrays["weight_hh_l1"].ndim == 2:
+        others.append(arrays["weight_hh_l1"].shape[1])
+    if len(others) >= 2 and len(set(others)) == 1 and None not in others:
+        return others[0]
+    return own
+
+
 def _read_config(cell, arrays):
     """Infers `(input_size, hidden_size, num_layers, bias, proj_size,
     bidirectional)` from a state dict's layer-0 parameters; the full check against
@@ -116,7 +134,7 @@ def _read_config(cell, arrays):
                 f"a {cell!r} state dict needs a 2-D `{name}`, found {found}; "
                 f"keys found: {sorted(arrays)}"
             )
-    proj_size, hidden_size = 0, arrays["weight_hh_l0"].shape[1]
+    proj_size, hidden_size = 0, _hidden_size(cell, arrays)
     if projected:
         proj_size, hidden_size = arrays["weight_hr_l0"].shape
     layers = [int(m[2]) for m in map(_LAYER_KEY.match, arrays) if m]
@@ -339,6 +357,22 @@ def _stack_config(stack: StackedRNN):
     return dict(configs[0], bidirectional=stack.bidirectional)
 
 
+def _check_inference(stack: StackedRNN) -> None:
+    """PyTorch's cells compute only the plain step: a wrapper cell that changes what
+    a cell computes at inference too (a `Zoneout`) has no PyTorch form."""
+    for name, cell in _named_cells(stack):
+        xs = jnp.zeros((1, cell.input_size))
+        runs = jax.eval_shape(
+            lambda c=cell: c.for_sequence(xs, key=None, inference=True)[0]
+        )
+        if not isinstance(runs, (ElmanCell, GRUCell, LSTMCell)):
+            raise ValueError(
+                f"PyTorch's RNN modules have no `{type(cell).__name__}`, which "
+                f"changes what the stack computes at inference too: `{name}` is "
+                "one"
+            )
+
+
 def to_torch(stack: StackedRNN) -> dict[str, "torch.Tensor"]:
     """Exports a stack's weights as a PyTorch state dict, bit for bit.
 
@@ -352,12 +386,15 @@ def to_torch(stack: StackedRNN) -> dict[str, "torch.Tensor"]:
     - `stack`: a [`stackrnn.StackedRNN`][] whose cells share one cell type, width,
       bias setting and (LSTM) `proj_size`, as PyTorch's modules require; it may be
       bidirectional but not `reverse`.
+      A wrapper cell that changes what a cell computes at inference too (a
+      [`stackrnn.Zoneout`][]) has no PyTorch form and raises a `ValueError`.
 
     **Returns:**
 
     A dict from PyTorch's parameter names to CPU `torch.Tensor`s.
     """
     config = _stack_config(stack)
+    _check_inference(stack)
     directions = (stack.cells, stack.backward_cells or ())
     return {
         _key(role, layer, d): torch.from_numpy(
@@ -391,17 +428,6 @@ def to_torch_module(stack: StackedRNN) -> "torch.nn.RNNBase":
             "what the stack computes at inference too; `stack.residual` is True"
         )
     config = _stack_config(stack)
-    for name, cell in _named_cells(stack):
-        xs = jnp.zeros((1, cell.input_size))
-        runs = jax.eval_shape(
-            lambda c=cell: c.for_sequence(xs, key=None, inference=True)[0]
-        )
-        if not isinstance(runs, (ElmanCell, GRUCell, LSTMCell)):
-            raise ValueError(
-                f"PyTorch's RNN modules have no `{type(cell).__name__}`, which "
-                f"changes what the stack computes at inference too: `{name}` is "
-                "one"
-            )
     state_dict = to_torch(stack)
     cell = config["cell"]
     kwargs = dict(
