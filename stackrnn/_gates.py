@@ -7,6 +7,7 @@ normalise; everything else they compute comes from here.
 """
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,33 @@ def check_forget_bias(forget_bias, bias) -> None:
         )
 
 
+def device_memory() -> int | None:
+    """The bytes of the default device's memory: the machine's on the CPU, the
+    device's own where its backend reports them; `None` where unknown."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    stats = device.memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def check_fits(nbytes: int, hidden_size: int, input_size: int) -> None:
+    """A cell whose parameters alone exceed the device's memory is refused before
+    XLA is asked for the arrays (which would abort the process or fail at first
+    use)."""
+    memory = device_memory()
+    if memory is not None and nbytes > memory:
+        raise MemoryError(
+            f"a cell with `hidden_size` (={hidden_size}) and `input_size` "
+            f"(={input_size}) needs {nbytes / 2**30:,.1f} GiB for its parameters, "
+            f"more than the {memory / 2**30:,.1f} GiB of memory of "
+            f"{jax.devices()[0].platform.upper()} device 0"
+        )
+
+
 def check_init(init) -> None:
     """`init` must be an initialiser object, not the name of one."""
     if isinstance(init, str) or not callable(init):
@@ -70,6 +98,8 @@ def draw_params(init, key, dtype, hidden_size, gates, input_size, recurrent, bia
         bias_ih=(rows,),
         bias_hh=(rows,),
     )
+    count = sum(math.prod(s) for role, s in shapes.items() if bias or "weight" in role)
+    check_fits(count * jnp.dtype(dtype).itemsize, hidden_size, input_size)
     keys = jax.random.split(key, len(shapes))
     return tuple(
         None

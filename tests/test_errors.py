@@ -311,3 +311,18 @@ def test_bad_key(make):
         with _raises(TypeError, "`key`", "JAX PRNG key", got):
             make(key)
     make(jr.PRNGKey(0))  # the legacy form is a key too
+
+
+def test_sizes_that_cannot_fit_are_refused_before_allocating(monkeypatch):
+    # Terabytes of weights: refused from the shapes alone (an attempt to allocate
+    # would abort the process or fail at first use).
+    with _raises(MemoryError, "`hidden_size` (=1000000)", "GiB for its parameters"):
+        stackrnn.GRU(28, 10**6, key=KEY)
+    with _raises(MemoryError, "`hidden_size` (=1000000)"):
+        stackrnn.LayerNormLSTMCell(28, 10**6, key=KEY)
+    # The bound is the device's memory: here made 1 MiB, which a cell of width 512
+    # (about 6 MiB of float32 GRU weights) exceeds and one of width 64 does not.
+    monkeypatch.setattr(stackrnn._gates, "device_memory", lambda: 2**20)
+    with _raises(MemoryError, "`hidden_size` (=512)", "more than the 0.0 GiB"):
+        stackrnn.GRUCell(512, 512, key=KEY)
+    stackrnn.GRUCell(64, 64, key=KEY)
