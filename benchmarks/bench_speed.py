@@ -87,9 +87,8 @@ def _stack(cell, config):
     return make(i, h, layers, key=jax.random.key(0))
 
 
-def ours(cell, config, fast):
+def ours(cell, config, path):
     i, h, layers, b, t = config
-    path = stackrnn.Fast() if fast else stackrnn.Reference()
     scan = stackrnn.Scan(path=path)
     stack = stackrnn.StackedRNN(_stack(cell, config).cells, scan=scan)
     xs = jax.random.normal(jax.random.key(1), (b, t, i))
@@ -236,8 +235,8 @@ def pytorch(cell, config):
 IMPLEMENTATIONS = {
     "torch": pytorch,
     "equinox": plain_equinox,
-    "reference": lambda c, cfg: ours(c, cfg, fast=False),
-    "fast": lambda c, cfg: ours(c, cfg, fast=True),
+    "reference": lambda c, cfg: ours(c, cfg, stackrnn.Reference()),
+    "fast": lambda c, cfg: ours(c, cfg, stackrnn.Fast()),
     "reference, batch": reference_batched,
     "fast, batch": fast_batched,
 }

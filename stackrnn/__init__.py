@@ -27,6 +27,7 @@ from ._time import (
     ByWidth as ByWidth,
     Chunks as Chunks,
     Fast as Fast,
+    Fused as Fused,
     Reference as Reference,
     Scan as Scan,
 )

@@ -5,10 +5,14 @@ nothing at run time, and names the argument, what was expected and what arrived.
 """
 
 import numbers
+import os
+import sys
 
 import chex
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def is_integer(value) -> bool:
@@ -36,6 +40,32 @@ def check_probability(name: str, value) -> float:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
     return float(value)
+
+
+def user_stacklevel() -> int:
+    """The `stacklevel` that points a warning at the first caller outside stackrnn
+    and Equinox (whose module machinery runs our `__init__`s), however deep the
+    call came in: a one-liner, `StackedRNN(...)`, or a user's own module."""
+    ours = (
+        os.path.dirname(os.path.abspath(__file__)) + os.sep,
+        os.path.dirname(os.path.abspath(eqx.__file__)) + os.sep,
+    )
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(ours):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def check_flag(name: str, value, *, optional: bool = False) -> bool:
+    """`value` must be a bool (NumPy's included), or `None` when `optional`."""
+    if optional and value is None:
+        return value
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"`{name}` must be True or False{' or None' if optional else ''}, "
+            f"got {value!r}"
+        )
+    return bool(value)
 
 
 def check_key(name: str, key) -> None:

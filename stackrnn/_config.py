@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ._cells import AbstractCell, State
-from ._checks import check_probability
+from ._checks import check_probability, user_stacklevel
 from ._time import Scan
 
 
@@ -118,12 +118,11 @@ def check_between(cells, backward_cells, dropout, variational, residual) -> floa
     `variational` and `residual` bools, residual layers as wide as their input.
     Its warnings point at `StackedRNN.__init__`'s caller."""
     rate = check_probability("dropout", dropout)
-    # `stacklevel=3`: past this function and `StackedRNN.__init__`.
     if rate > 0 and len(cells) == 1:
         warnings.warn(
             f"`dropout` (={dropout}) has no effect with one layer: dropout acts "
             "between layers, never on the top layer's output",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     for name, flag in (("variational", variational), ("residual", residual)):
         if not isinstance(flag, bool):
@@ -132,7 +131,7 @@ def check_between(cells, backward_cells, dropout, variational, residual) -> floa
         warnings.warn(
             "`variational=True` has no effect with `dropout=0`: it makes the "
             "dropout between layers draw one mask per sequence",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     if residual:
         for i in range(1, len(cells)):
@@ -148,6 +147,6 @@ def check_between(cells, backward_cells, dropout, variational, residual) -> floa
             warnings.warn(
                 "`residual=True` has no effect with one layer: residual "
                 "connections skip layers 2..L",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
     return rate

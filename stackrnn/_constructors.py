@@ -16,6 +16,11 @@ from ._wrapped import RecurrentDropout, WeightDrop, Zoneout
 
 
 def _widths(hidden_size, num_layers: int) -> tuple[int, ...]:
+    if isinstance(hidden_size, str):
+        raise TypeError(
+            "`hidden_size` must be an integer or a sequence of integers (one per "
+            f"layer), got the string {hidden_size!r}"
+        )
     if isinstance(hidden_size, Sequence):
         widths = tuple(hidden_size)
         if len(widths) != num_layers:

@@ -7,13 +7,12 @@ For a cell whose step is `pointwise(W_ih x_t + b_ih, W_hh h_{t-1} + b_hh, s_{t-1
 - forward: the input projection `GX = X W_ih^T + b_ih` of all time steps is one
   matrix product before the loop; the loop then computes only the recurrent
   projection `gh_t` and the elementwise update, keeping `gh_t` and the previous
-  state for the backward pass. (At widths of 1024 this made the forward pass 1.2x
-  (GRU) to 1.3x (LSTM) faster than projecting the input inside the loop: a product
-  with all `time * batch` rows runs near the machine's GEMM rate, a step's product
-  with `batch` rows at half of it. At widths of 256 and below it was slower: under
-  `jax.vmap` the projected gates are transposed to time-major order for the loop,
-  and at those widths that copy costs more than the products save; the default
-  path policy, `ByWidth()`, keeps such layers on the reference path.) The loop
+  state for the backward pass. (At large widths a product with all `time * batch`
+  rows runs near the machine's GEMM rate, a step's product with `batch` rows well
+  below it. At small widths it is slower: under `jax.vmap` the projected gates are
+  transposed to time-major order for the loop, and that copy costs more than the
+  products save; the default path policy, `ByWidth()`, keeps such layers off this
+  path. The measurement log, `benchmarks/README.md`, has the numbers.) The loop
   reads the projected gates as one array per gate (`_by_gate`), which XLA:CPU's
   elementwise kernels read faster than slices of one array.
 - backward: a reverse scan computes the gradients of the gate pre-activations,
@@ -72,8 +71,8 @@ def _run(cell, gates_x, state, unroll):
     the weight gradients read."""
 
     # `h_prev @ weight_hh.T` reads the weight across its rows at every step; one
-    # transposed copy before the loop makes every step's product read it row by row
-    # (in a 64-step scan at width 1024, the products ran 1.3x faster).
+    # transposed copy before the loop makes every step's product read it row by row,
+    # which measured faster at large widths.
     weight_hh_t = cell.weight_hh.T
 
     def step(s, gx):
@@ -92,11 +91,10 @@ def _by_gate(gates, cell):
     """`gates` split along its last axis into blocks of `hidden_size` (one per gate),
     for the loop to read; `jnp.concatenate` in the step restores them.
 
-    XLA:CPU fuses the loop's read of a step into the elementwise kernel of the gates.
-    When that kernel sliced each gate out of the step's whole row of gates, it ran
-    six times slower than on whole arrays (GRU, width 32, batch 1024: 206 against
-    34 us per step); the forward pass of the large GRU ran 1.1x, the deep GRU 1.7x
-    faster with the blocks (docs/benchmarks.md)."""
+    XLA:CPU fuses the loop's read of a step into the elementwise kernel of the gates,
+    and that kernel runs several times slower when it slices each gate out of the
+    step's whole row of gates than on whole arrays (the measurement log,
+    `benchmarks/README.md`)."""
     width = gates.shape[-1]
     if width % cell.hidden_size:
         return (gates,)
@@ -104,7 +102,7 @@ def _by_gate(gates, cell):
 
 
 @jax.custom_jvp
-def _recurrent_projection(value, h_prev, weight, bias):
+def recurrent_projection(value, h_prev, weight, bias):
     """Returns `value`, already computed by `_run` as `h_prev @ weight.T + bias`; its
     derivative is that of the affine map in `weight` and `bias` alone: `h_prev` enters
     without gradient, the reverse scan accounts for it."""
@@ -130,7 +128,7 @@ def _is_zero(tangent):
     return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
 
 
-_recurrent_projection.defjvp(_recurrent_projection_jvp, symbolic_zeros=True)
+recurrent_projection.defjvp(_recurrent_projection_jvp, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -186,7 +184,7 @@ def scan_fast(cell, xs, state, *, reverse=False, unroll=1):
     fixed = stop(cell)
     gates_x = _affine(cell.weight_ih, xs, cell.bias_ih)  # all steps in one product
     states, prev, h_prev, gates_h = _run(fixed, stop(gates_x), stop(state), unroll)
-    gates_h = _recurrent_projection(gates_h, h_prev, cell.weight_hh, cell.bias_hh)
+    gates_h = recurrent_projection(gates_h, h_prev, cell.weight_hh, cell.bias_hh)
     states = _recurrence(fixed, gates_x, gates_h, states, prev, state, unroll)
     ys = jax.vmap(cell.output)(states)
     return ys, jax.tree.map(lambda s: s[-1], states)

@@ -48,10 +48,21 @@ def check_forget_bias(forget_bias, bias) -> None:
         )
 
 
+def check_init(init) -> None:
+    """`init` must be an initialiser object, not the name of one."""
+    if isinstance(init, str) or not callable(init):
+        raise TypeError(
+            "`init` must be an initialiser such as `stackrnn.PyTorchInit()`, "
+            "`stackrnn.NormalInit(0.01)` or `stackrnn.OrthogonalInit()` (a callable "
+            f"`init(key, shape, dtype, *, role, hidden_size)`), got {init!r}"
+        )
+
+
 def draw_params(init, key, dtype, hidden_size, gates, input_size, recurrent, bias):
     """PyTorch's `(weight_ih, weight_hh, bias_ih, bias_hh)` for `gates` blocks of
     `hidden_size` rows reading `input_size` inputs and `recurrent` outputs, drawn in
     PyTorch's order; `None` for the biases when `bias` is False."""
+    check_init(init)
     rows = gates * hidden_size
     shapes = dict(
         weight_ih=(rows, input_size),

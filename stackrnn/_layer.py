@@ -11,6 +11,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._cells import AbstractCell, State
 from ._fast import scan_fast
+from ._fused import scan_fused
 from ._time import AbstractPath, ByWidth
 
 
@@ -99,7 +100,12 @@ def run_layer(
     `scan_reference`. `path` chooses the path for `cell` (see
     [`stackrnn.AbstractPath`][]); with `length` or `resets`, which exist on the
     reference path only, that path is taken."""
-    if length is None and resets is None and path.choose(cell) == "fast":
+    chosen = (
+        "reference" if length is not None or resets is not None else path.choose(cell)
+    )
+    if chosen == "fused":
+        return scan_fused(cell, xs, state, reverse=reverse)
+    if chosen == "fast":
         return scan_fast(cell, xs, state, reverse=reverse, unroll=unroll)
     return scan_reference(
         cell, xs, state, reverse=reverse, unroll=unroll, length=length, resets=resets

@@ -10,6 +10,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ._cells import AbstractCell, State
 from ._checks import (
+    check_flag,
     check_length,
     check_like,
     check_resets,
@@ -118,7 +119,7 @@ class StackedRNN(eqx.Module):
         self.variational = variational
         self.residual = residual
         self.scan = scan
-        self.inference = inference
+        self.inference = check_flag("inference", inference)
 
     @property
     def num_layers(self) -> int:
@@ -297,6 +298,7 @@ class StackedRNN(eqx.Module):
             state = self.init_state()
         else:
             check_like("state", state, self.init_state())
+        inference = check_flag("inference", inference, optional=True)
         inference = self.inference if inference is None else inference
         checkpoint = self.scan.checkpoint
         chunks = None if checkpoint is None else checkpoint.for_time(time)
@@ -374,6 +376,7 @@ class StackedRNN(eqx.Module):
             state = self.init_state()
         else:
             check_like("state", state, self.init_state())
+        inference = check_flag("inference", inference, optional=True)
         inference = self.inference if inference is None else inference
         return self._chunked(
             inputs,
@@ -433,6 +436,7 @@ class StackedRNN(eqx.Module):
             )
         check_vector("x", x, self.input_size, self._dtype)
         check_like("state", state, self.init_state())
+        inference = check_flag("inference", inference, optional=True)
         inference = self.inference if inference is None else inference
         if not inference and self.variational and self.dropout > 0:
             raise ValueError(

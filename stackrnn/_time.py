@@ -1,5 +1,6 @@
 """How a stack runs over time, as objects: which path each layer takes
-([`stackrnn.Reference`][], [`stackrnn.Fast`][], [`stackrnn.ByWidth`][]), how time is
+([`stackrnn.Reference`][], [`stackrnn.Fast`][], [`stackrnn.Fused`][],
+[`stackrnn.ByWidth`][]), how time is
 cut for gradient checkpointing ([`stackrnn.Chunks`][]), and both with the direction
 and unrolling of the loop ([`stackrnn.Scan`][]).
 
@@ -15,6 +16,7 @@ import equinox as eqx
 from ._cells import AbstractCell
 from ._checks import check_size
 from ._fast import supports
+from ._fused import supports as fused_supports
 
 
 class AbstractPath(eqx.Module):
@@ -27,7 +29,8 @@ class AbstractPath(eqx.Module):
 
     @abc.abstractmethod
     def choose(self, cell: AbstractCell) -> str:
-        """The path a layer of `cell` runs on: `"reference"` or `"fast"`."""
+        """The path a layer of `cell` runs on: `"reference"`, `"fast"` or
+        `"fused"`."""
 
 
 class Reference(AbstractPath):
@@ -51,24 +54,44 @@ class Fast(AbstractPath):
         return "fast" if supports(cell) else "reference"
 
 
+class Fused(AbstractPath):
+    """Every layer the optional CPU accelerator supports on the fused path: the fast
+    path's split, with the loop and its reverse each one XLA FFI kernel
+    (`pip install ./kernels` from the repository). It needs an Elman, GRU or LSTM
+    cell (without `proj_size`) of float32 or float64, on the CPU; other layers, and
+    every layer where the accelerator is not installed, choose as
+    [`stackrnn.Fast`][]."""
+
+    def choose(self, cell: AbstractCell) -> str:
+        return "fused" if fused_supports(cell) else Fast().choose(cell)
+
+
 class ByWidth(AbstractPath):
-    """The fast path (as [`stackrnn.Fast`][]) for layers of `hidden_size >=
-    min_hidden`, the reference path below: below it, the reference path's backward
-    pass (per-step weight-gradient products, fewer stored arrays) measured faster on
-    CPU, from it on single products over all steps win (see the benchmarks page).
-    The default.
+    """The path that measured fastest on CPU for each width: the fused path (as
+    [`stackrnn.Fused`][], where the accelerator is installed) for layers of
+    `hidden_size <= max_fused`, the fast path (as [`stackrnn.Fast`][]) for
+    `hidden_size >= min_hidden`, the reference path between. Below `min_hidden` the
+    reference path's backward pass (per-step weight-gradient products, fewer stored
+    arrays) is faster than the fast path's; from it on single products over all
+    steps win; above `max_fused` the fused loop's small products lose to XLA's (the
+    measurement log, `benchmarks/README.md`). The default.
 
     **Arguments:**
 
     - `min_hidden`: the width from which the fast path is taken, default 512.
+    - `max_fused`: the widest layer taken to the fused path, default 128.
     """
 
     min_hidden: int = eqx.field(static=True)
+    max_fused: int = eqx.field(static=True)
 
-    def __init__(self, min_hidden: int = 512):
+    def __init__(self, min_hidden: int = 512, max_fused: int = 128):
         self.min_hidden = check_size("min_hidden", min_hidden)
+        self.max_fused = check_size("max_fused", max_fused, minimum=0)
 
     def choose(self, cell: AbstractCell) -> str:
+        if cell.hidden_size <= self.max_fused and fused_supports(cell):
+            return "fused"
         if cell.hidden_size >= self.min_hidden:
             return Fast().choose(cell)
         return "reference"

@@ -165,9 +165,34 @@ def test_layer_norm_lstm_proj_size():
         stackrnn.LSTM(3, 4, proj_size=4, layer_norm=True, key=KEY)
 
 
-def test_dropout_with_one_layer_warns():
-    with pytest.warns(UserWarning, match="`dropout` \\(=0.5\\) has no effect"):
-        stackrnn.GRU(3, 4, num_layers=1, dropout=0.5, key=KEY)
+def test_dropout_with_one_layer_warns_at_the_callers_line():
+    for make in (
+        lambda: stackrnn.GRU(3, 4, num_layers=1, dropout=0.5, key=KEY),
+        lambda: stackrnn.StackedRNN([stackrnn.GRUCell(3, 4, key=KEY)], dropout=0.5),
+    ):
+        with pytest.warns(UserWarning, match="`dropout` \\(=0.5\\) has no effect") as w:
+            make()
+        assert w[0].filename == __file__
+
+
+def test_strings_where_objects_are_expected():
+    with _raises(TypeError, "`init`", "stackrnn.OrthogonalInit()", "'orthogonal'"):
+        stackrnn.GRU(3, 4, init="orthogonal", key=KEY)
+    with _raises(TypeError, "`init`", "got 'pytorch'"):
+        stackrnn.GRUCell(3, 4, init="pytorch", key=KEY)
+    with _raises(TypeError, "`hidden_size`", "sequence of integers", "'32'"):
+        stackrnn.LSTM(3, "32", key=KEY)
+
+
+def test_inference_must_be_a_bool(gru):
+    with _raises(TypeError, "`inference`", "True or False", "'no'"):
+        stackrnn.StackedRNN(gru.cells, inference="no")
+    for value in ("no", 1, 0.0):
+        with _raises(TypeError, "`inference`", "True or False or None", repr(value)):
+            gru(jnp.ones((5, 3)), inference=value)
+        with _raises(TypeError, "`inference`", "True or False or None"):
+            gru.step(jnp.ones(3), gru.init_state(), inference=value)
+    gru(jnp.ones((5, 3)), inference=np.bool_(True))
 
 
 def test_bad_cells():

@@ -201,9 +201,11 @@ def test_sequence_options_take_the_reference_path(option, getkey):
 
 
 @pytest.mark.parametrize("width, fast", [(511, False), (512, True)])
-def test_default_picks_the_path_by_width(width, fast):
+def test_default_picks_the_path_by_width(width, fast, monkeypatch):
     """`ByWidth()`, the default path policy, takes the fast path from `hidden_size`
-    512 on (traced, not run)."""
+    512 on without the accelerator (tests/test_fused.py covers it; traced, not
+    run)."""
+    monkeypatch.setattr(stackrnn._fused, "kernels", None)
     stack = stackrnn.GRU(2, width, key=jr.key(0))
     jaxpr = str(jax.make_jaxpr(stack)(jnp.zeros((2, 2))))
     assert ("custom_vjp_call" in jaxpr) == fast

@@ -11,8 +11,8 @@ gradient of every batch are computed under `jax.shard_map`, each device on its s
 of the windows, then summed across devices (`jax.lax.psum`); every device applies the
 same update. The arithmetic is the single-device run's up to the order of the sums.
 (Leaving the split to XLA's sharding propagation instead, with a sharding constraint
-on the batch, compiled an epoch that ran 1.5x slower on two CPU devices:
-docs/parallel.md.)
+on the batch, compiled a slower epoch on two CPU devices: see the measurement log,
+`benchmarks/README.md`.)
 """
 
 import dataclasses

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import stackrnn
-from stackrnn import Checkpoint
+import stackrnn.lm
+from stackrnn.lm import SavedRun
 from stackrnn.lm._cli import _new_state, DEFAULTS, main
 
 
@@ -73,7 +74,7 @@ def outputs(name, model):
 
 def load_run(run):
     """The language model of the `stackrnn train` run saved in `run`."""
-    saved = Checkpoint.read(run)
+    saved = SavedRun.read(run)
     hp = {**DEFAULTS, **saved.hyperparameters}
     model, _, opt_state = _new_state(hp, len(saved.vocab), jax.random.key(0))
     return saved.load((model, opt_state))[0]
