@@ -57,6 +57,8 @@ def test_install_commands_work_from_a_clone():
     ]
     assert len(commands) >= 4
     for page, command in commands:
+        if command.strip() == "./kernels":  # the accelerator's own distribution
+            continue
         match = re.fullmatch(r'-e (\.|"\.\[([a-z,]+)\]")\s*', command)
         assert match, (page, command)
         assert set((match[2] or "").split(",")) - {""} <= extras.keys(), (page, command)
