@@ -56,7 +56,7 @@ def user_stacklevel() -> int:
     return level
 
 
-def check_flag(name: str, value, *, optional: bool = False) -> bool:
+def check_flag(name: str, value, *, optional: bool = False) -> bool | None:
     """`value` must be a bool (NumPy's included), or `None` when `optional`."""
     if optional and value is None:
         return value
