@@ -40,9 +40,10 @@ class StackedRNN(eqx.Module):
 
     `H_t^(l) = cell_l(H_t^(l-1), H_{t-1}^(l))`, with `H_t^(0) = x_t`.
 
-    The stack is a Python fold over its layers; each layer is a `jax.lax.scan` over
-    time. It holds what lies between layers, dropout and residual connections, and
-    how time runs (a [`stackrnn.Scan`][]); everything that acts on one cell
+    The stack is a Python fold over its layers (or a scan over runs of alike layers,
+    with `Scan(scan_layers=...)`); each layer is a `jax.lax.scan` over time. It
+    holds what lies between layers, dropout and residual connections, and how time
+    runs (a [`stackrnn.Scan`][]); everything that acts on one cell
     (recurrent dropout, `Zoneout`, weight drop, layer normalisation, a regulariser of
     your own) lives in the cells, as wrapper cells (see
     [`stackrnn.AbstractWrappedCell`][]) or cell variants, so it can differ from layer
@@ -186,17 +187,29 @@ class StackedRNN(eqx.Module):
             inference=inference,
             drop=drop,
             residual=self.residual,
+            scan_from=self.scan.scan_layers,
             **kwargs,
         )
 
     def _chunked(
-        self, inputs, state, chunks, length, resets, key, inference, *, encode, decode
+        self,
+        inputs,
+        state,
+        chunks,
+        length,
+        resets,
+        key,
+        inference,
+        *,
+        encode,
+        decode,
+        all_layers,
     ):
         """A unidirectional stack over `inputs`, checkpointed: the chunks of time
         outside, all layers inside each chunk. Within a chunk,
         `encode(inputs_chunk)` gives the bottom layer's inputs and
-        `decode(outputs, inputs_chunk)`, `outputs` being every layer's outputs, what
-        the chunk returns."""
+        `decode(outputs, inputs_chunk)`, `outputs` being every layer's outputs
+        (`all_layers`) or the top layer's, what the chunk returns."""
 
         def layers(piece, layer_states, start, chunk_length, chunk_resets):
             run = functools.partial(
@@ -207,7 +220,13 @@ class StackedRNN(eqx.Module):
                 resets=chunk_resets,
             )
             outputs, finals = self._fold(
-                encode(piece), layer_states, run, key, inference, start=start
+                encode(piece),
+                layer_states,
+                run,
+                key,
+                inference,
+                start=start,
+                all_layers=all_layers,
             )
             return decode(outputs, piece), finals
 
@@ -313,12 +332,15 @@ class StackedRNN(eqx.Module):
                 inference,
                 encode=lambda piece: piece,
                 decode=lambda outputs, _: tuple(outputs) if all_layers else outputs[-1],
+                all_layers=all_layers,
             )
 
         run = functools.partial(
             run_direction, scan=self.scan, chunks=chunks, length=length, resets=resets
         )
-        outputs, finals = self._fold(xs, self._split(state), run, key, inference)
+        outputs, finals = self._fold(
+            xs, self._split(state), run, key, inference, all_layers=all_layers
+        )
         return (tuple(outputs) if all_layers else outputs[-1]), self._join(finals)
 
     def transduce(
@@ -388,6 +410,7 @@ class StackedRNN(eqx.Module):
             inference,
             encode=encode,
             decode=lambda outputs, piece: decode(outputs[-1], piece),
+            all_layers=False,
         )
 
     def step(
@@ -450,6 +473,12 @@ class StackedRNN(eqx.Module):
             return cell.output(new)[None], new
 
         outputs, finals = self._fold(
-            x[None], self._split(state), run, key, inference, streaming=True
+            x[None],
+            self._split(state),
+            run,
+            key,
+            inference,
+            streaming=True,
+            all_layers=False,
         )
         return outputs[-1][0], self._join(finals)

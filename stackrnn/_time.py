@@ -192,12 +192,22 @@ class Scan:
       [`stackrnn.ByWidth`][]`()`.
     - `checkpoint`: `None` (default) for no gradient checkpointing, else a
       [`stackrnn.Chunks`][].
+    - `scan_layers`: `None` (default) folds the layers with a Python loop, the
+      reference; an integer >= 2 folds every run of at least that many alike layers
+      (the same cells but for their parameters' values, as layers 2..L of a
+      one-liner's stack are) with one `jax.lax.scan` over their parameters, stacked
+      at each call (they stay stored one layer at a time). It traces one layer
+      where the loop traces each, which shortens the compilation of a very deep
+      stack's forward pass; its gradient compiles slower, as XLA then compiles a
+      slice per layer and parameter (the measurement log, `benchmarks/README.md`).
+      Same numbers up to float rounding, with the same masks.
     """
 
     reverse: bool = False
     unroll: int = 1
     path: AbstractPath = ByWidth()
     checkpoint: Chunks | None = None
+    scan_layers: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.reverse, bool):
@@ -208,6 +218,8 @@ class Scan:
                 "`path` must be a path policy such as `stackrnn.Fast()`, "
                 f"`stackrnn.Reference()` or `stackrnn.ByWidth()`, got {self.path!r}"
             )
+        if self.scan_layers is not None:
+            check_size("scan_layers", self.scan_layers, minimum=2)
         if self.checkpoint is not None and not isinstance(self.checkpoint, Chunks):
             raise TypeError(
                 "`checkpoint` must be None or a `stackrnn.Chunks`, e.g. "

@@ -88,7 +88,7 @@ def tree_equal(x, y) -> bool:
 
 # The path policies by the one-liners' former `fast` flag.
 PATHS = {None: stackrnn.ByWidth(), True: stackrnn.Fast(), False: stackrnn.Reference()}
-_SCAN = ("reverse", "unroll", "fast", "checkpoint")
+_SCAN = ("reverse", "unroll", "fast", "checkpoint", "scan_layers")
 _CELL = ("recurrent_dropout", "zoneout", "weight_drop")
 
 
@@ -103,16 +103,27 @@ def wrap(cell, *, recurrent_dropout=0.0, zoneout=0.0, weight_drop=0.0):
     return cell
 
 
-def _scan(scan=None, *, reverse=None, unroll=None, fast="keep", checkpoint="keep"):
+def _scan(
+    scan=None,
+    *,
+    reverse=None,
+    unroll=None,
+    fast="keep",
+    checkpoint="keep",
+    scan_layers="keep",
+):
     scan = stackrnn.Scan() if scan is None else scan
     changes = dict(reverse=reverse, unroll=unroll)
     if fast != "keep":
         changes["path"] = PATHS[fast]
     if checkpoint != "keep":
         changes["checkpoint"] = stackrnn.Chunks.from_flag(checkpoint)
-    return dataclasses.replace(
+    scan = dataclasses.replace(
         scan, **{k: v for k, v in changes.items() if v is not None}
     )
+    if scan_layers != "keep":
+        scan = dataclasses.replace(scan, scan_layers=scan_layers)
+    return scan
 
 
 def stack_of(cells, *, backward_cells=None, **options) -> stackrnn.StackedRNN:
