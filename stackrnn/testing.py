@@ -28,8 +28,8 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess test
         "pip install 'stackrnn[testing]'"
     ) from e
 
-from ._cells import AbstractCell, ElmanCell, GRUCell, LSTMCell
-from ._norm_cells import LayerNormGRUCell, LayerNormLSTMCell
+from ._cells import AbstractCell
+from ._kinds import cell_class, CELL_KINDS, LAYER_NORM_KINDS
 from ._stack import StackedRNN
 
 
@@ -53,9 +53,14 @@ __all__ = [
     "check_jit_consistent",
 ]
 
-KINDS = ("rnn_tanh", "rnn_relu", "gru", "lstm", "lstm_proj", "gru_ln", "lstm_ln")
-"""The cell kinds the strategies draw: Elman (tanh, relu), GRU, LSTM, LSTM with a
-projection (`proj_size = hidden_size // 2`), and the layer-normalised GRU and LSTM."""
+KINDS = (
+    *CELL_KINDS,
+    "lstm_proj",
+    *(f"{kind}_ln" for kind in LAYER_NORM_KINDS),
+)
+"""The cell kinds the strategies draw: PyTorch's (`rnn_tanh`, `rnn_relu`, `gru`,
+`lstm`), and variants named by a suffix: `_proj`, an LSTM with a projection
+(`proj_size = hidden_size // 2`); `_ln`, layer-normalised (GRU and LSTM)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,20 +85,14 @@ def make_cell(
 ) -> AbstractCell:
     """One cell of `kind` (one of `KINDS`) reading `input_size` with `width` hidden
     units."""
-    if kind in ("rnn_tanh", "rnn_relu"):
-        return ElmanCell(input_size, width, nonlinearity=kind[4:], bias=bias, key=key)
-    if kind == "gru":
-        return GRUCell(input_size, width, bias=bias, key=key)
-    if kind == "gru_ln":
-        return LayerNormGRUCell(input_size, width, bias=bias, key=key)
-    if kind == "lstm_ln":
-        return LayerNormLSTMCell(input_size, width, bias=bias, key=key)
-    if kind not in ("lstm", "lstm_proj"):
+    if kind not in KINDS:
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
-    proj = max(1, width // 2) if kind == "lstm_proj" else 0
-    return LSTMCell(
-        input_size, width, proj_size=proj if proj < width else 0, bias=bias, key=key
-    )
+    base = kind.removesuffix("_ln").removesuffix("_proj")
+    cell, keywords = cell_class(base, layer_norm=kind.endswith("_ln"))
+    proj = max(1, width // 2)
+    if kind.endswith("_proj") and proj < width:
+        keywords["proj_size"] = proj
+    return cell(input_size, width, bias=bias, key=key, **keywords)
 
 
 def make_cells(cfg: Config, key: PRNGKeyArray) -> list[AbstractCell]:

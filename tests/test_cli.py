@@ -14,6 +14,8 @@ import stackrnn
 import stackrnn.lm
 from stackrnn.lm._cli import _new_state, _parser, DEFAULTS, main
 
+from .data.save_models import HERE as DATA
+
 
 # A small run: tiny model, few windows, two epochs.
 SMALL = [
@@ -205,6 +207,11 @@ def drop_letter(meta):
             "`init` (='xavier'): expected ('pytorch', 'normal', 'orthogonal')",
         ),
         (
+            edit_record(lambda m: m["hyperparameters"].update(cell="tcn")),
+            "checkpoint.json",
+            "`cell` (='tcn'): expected ('rnn_tanh', 'rnn_relu', 'gru', 'lstm')",
+        ),
+        (
             edit_record(lambda m: m["hyperparameters"].update(residual="yes")),
             "checkpoint.json",
             "`residual` (='yes'): expected true or false",
@@ -335,11 +342,57 @@ def test_help_shows_the_defaults(command, capsys):
     assert shown >= 4
 
 
-def test_rnn_uses_d2ls_init(text_file, tmp_path):
+@pytest.mark.parametrize(
+    ("cell", "kind"),
+    [
+        ("rnn_tanh", "rnn_tanh"),
+        ("rnn_relu", "rnn_relu"),
+        ("gru", "gru"),
+        ("lstm", "lstm"),
+        ("rnn", "rnn_tanh"),  # the first spelling, kept so that old scripts run
+    ],
+)
+def test_cell_kinds(cell, kind):
+    assert _parser().parse_args(["train", "--cell", cell]).cell == kind
+
+
+def test_bad_cell_lists_the_kinds(capsys):
+    assert run("train", "--cell", "tcn") == 2
+    accepted = capsys.readouterr().err.split("invalid choice: 'tcn' (choose from")[1]
+    for kind in ("rnn_tanh", "rnn_relu", "gru", "lstm"):
+        assert kind in accepted
+
+
+@pytest.mark.parametrize("cell", ["rnn", "rnn_relu"])
+def test_elman_cells_use_d2ls_init(cell, text_file, tmp_path):
     out = tmp_path / "rnn"
-    assert run("train", "--data", text_file, "--out", out, "--cell", "rnn", *SMALL) == 0
-    meta = json.loads((out / "checkpoint.json").read_text())
-    assert meta["hyperparameters"]["init"] == "normal"
+    assert run("train", "--data", text_file, "--out", out, "--cell", cell, *SMALL) == 0
+    saved = stackrnn.lm.SavedRun.read(out)
+    hp = saved.hyperparameters
+    assert hp["init"] == "normal"
+    model, _, _ = _new_state(hp, len(saved.vocab), jax.random.key(0))
+    for c in model.rnn.cells:
+        assert isinstance(c, stackrnn.ElmanCell)
+        assert c.nonlinearity == {"rnn": "tanh", "rnn_relu": "relu"}[cell]
+
+
+def test_run_saved_as_rnn_resumes_and_generates(tmp_path, capsys):
+    """`tests/data/rnn-run` was saved when its checkpoint could only say `rnn`."""
+    saved = DATA / "rnn-run"
+    assert run("generate", "--run", saved, "--num-chars", "5") == 0
+    assert capsys.readouterr().out.startswith("time traveller")
+    out = tmp_path / "run"
+    shutil.copytree(saved, out)
+    assert run("train", "--out", out, "--resume", "--cell", "rnn_relu") == 2
+    assert "`--cell` (=rnn_relu) differs from the checkpoint's (=rnn_tanh)" in (
+        capsys.readouterr().err
+    )
+    # The old command line resumes it.
+    argv = ["--resume", "--cell", "rnn", "--epochs", "2", "--quiet"]
+    assert run("train", "--out", out, *argv) == 0
+    resumed = stackrnn.lm.SavedRun.read(out)
+    assert resumed.hyperparameters["cell"] == "rnn_tanh"
+    assert len(resumed.history) == 2
 
 
 @pytest.mark.parametrize(

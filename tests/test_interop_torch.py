@@ -357,8 +357,19 @@ def test_projected_lstm_state_dict_given_as_gru():
 
 
 def test_state_dict_needs_cell():
-    with pytest.raises(ValueError, match="`cell` must name the cell type.*got None"):
+    with pytest.raises(
+        ValueError, match="`cell` must name a cell kind, .* or .lstm., got None"
+    ):
         from_torch(gru_state_dict())
+
+
+@pytest.mark.parametrize("source", [gru_state_dict, lambda: torch.nn.GRU(3, 4)])
+def test_bad_cell_lists_the_kinds(source):
+    kinds = "'rnn_tanh', 'rnn_relu', 'gru' or 'lstm'"
+    with pytest.raises(
+        ValueError, match=f"`cell` must name a cell kind, {kinds}, got 'GRU'"
+    ):
+        from_torch(source(), cell="GRU")
 
 
 def test_module_and_cell_disagree():

@@ -20,7 +20,9 @@ from stackrnn.testing import (
     check_step_matches_scan,
     check_vmap_consistent,
     configs,
+    KINDS,
     lengths,
+    make_cell,
     make_cells,
     sequences,
     stacks,
@@ -63,6 +65,33 @@ def test_strategies_draw_valid_inputs(data):
     assert jax.tree.structure(final) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(want)):
         assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+MADE = [
+    ("rnn_tanh", stackrnn.ElmanCell, dict(nonlinearity="tanh")),
+    ("rnn_relu", stackrnn.ElmanCell, dict(nonlinearity="relu")),
+    ("gru", stackrnn.GRUCell, {}),
+    ("lstm", stackrnn.LSTMCell, dict(proj_size=0)),
+    ("lstm_proj", stackrnn.LSTMCell, dict(proj_size=2)),
+    ("gru_ln", stackrnn.LayerNormGRUCell, {}),
+    ("lstm_ln", stackrnn.LayerNormLSTMCell, dict(proj_size=0)),
+]
+
+
+def test_kinds_are_the_seven():
+    assert KINDS == tuple(kind for kind, _, _ in MADE)
+
+
+@pytest.mark.parametrize(("kind", "cls", "options"), MADE)
+def test_make_cell_builds_each_kind(kind, cls, options, getkey):
+    cell = make_cell(kind, 3, 5, bias=False, key=getkey())
+    assert type(cell) is cls and cell.bias_ih is None
+    assert {name: getattr(cell, name) for name in options} == options
+
+
+def test_make_cell_rejects_other_kinds(getkey):
+    with pytest.raises(ValueError, match="`kind` must be one of .*got 'rnn'"):
+        make_cell("rnn", 3, 5, key=getkey())
 
 
 # Each check: passes on the library's own stack, fails on a broken one.
