@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from hypothesis import settings
+from hypothesis import settings, strategies as st
 
 import stackrnn
 
@@ -19,7 +19,15 @@ from stackrnn.testing import (
     KINDS as KINDS,
     make_cell as make_cell,
     make_cells as make_cells,
+    random_state as random_state,
 )
+
+
+# One place for what many test files share.
+DIRECTIONS = ("forward", "reverse", "bidirectional")
+TOL32 = dict(rtol=1e-5, atol=1e-6)  # float32: compiled versus op by op
+TOL64 = dict(rtol=1e-10, atol=1e-10)  # float64: two algorithms, same math
+seeds = st.integers(0, 2**16)
 
 
 @contextlib.contextmanager
