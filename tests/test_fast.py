@@ -209,3 +209,15 @@ def test_default_picks_the_path_by_width(width, fast, monkeypatch):
     stack = stackrnn.GRU(2, width, key=jr.key(0))
     jaxpr = str(jax.make_jaxpr(stack)(jnp.zeros((2, 2))))
     assert ("custom_vjp_call" in jaxpr) == fast
+
+
+def test_default_takes_the_fast_path_at_every_width_on_a_gpu(monkeypatch, getkey):
+    """On a GPU (JAX's default backend, faked here: CI has none) `ByWidth()` takes
+    the fast path below `min_hidden` too, where the fast path supports the cell."""
+    narrow = stackrnn.GRUCell(2, 4, key=getkey())
+    norm = stackrnn.LayerNormGRUCell(2, 4, key=getkey())
+    monkeypatch.setattr(stackrnn._fused, "kernels", None)
+    assert stackrnn.ByWidth().choose(narrow) == "reference"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert stackrnn.ByWidth().choose(narrow) == "fast"
+    assert stackrnn.ByWidth().choose(norm) == "reference"
