@@ -89,7 +89,7 @@ def _torch_pair(kind, bias, proj_size, seed):
         ref = torch.nn.LSTM(i, h, bias=bias, proj_size=proj_size)
         cell = shape_of(stackrnn.LSTMCell, i, h, proj_size=proj_size)
     params = {
-        k[: -len("_l0")]: jnp.asarray(v.detach().numpy())
+        k[: -len("_l0")]: jax.device_put(v.detach().numpy())
         for k, v in ref.state_dict().items()
     }
     for name, value in params.items():
@@ -116,7 +116,7 @@ def test_matches_pytorch_with_its_weights(kind, proj_size, bias):
     with torch.no_grad():
         want, _ = ref(torch.from_numpy(xs))
     stack = stackrnn.StackedRNN([cell])
-    ys, _ = stack(jnp.asarray(xs))
+    ys, _ = stack(jax.device_put(xs))
     np.testing.assert_allclose(ys, want.numpy(), rtol=1e-5, atol=1e-6)
 
 

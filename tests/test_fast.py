@@ -47,7 +47,7 @@ def _draw(rng, shapes, scale=1.0):
     def draw(s):
         if not isinstance(s, jax.ShapeDtypeStruct | jax.Array):
             return s
-        return jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype)
+        return jax.device_put((scale * rng.standard_normal(s.shape)).astype(s.dtype))
 
     return jax.tree.map(draw, shapes)
 

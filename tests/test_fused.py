@@ -85,7 +85,7 @@ def _numpy_cell(kind, input_size, hidden_size, bias, rng):
 
 
 def _as(dtype, tree):
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+    return jax.tree.map(lambda a: jax.device_put(a.astype(dtype)), tree)
 
 
 @needs_kernels
@@ -131,7 +131,7 @@ def test_stack_takes_the_fused_path_by_default():
     for kind in CELL_KINDS:
         cells.append(_as(jnp.float32, _numpy_cell(kind, size, 8, True, rng)))
         size = cells[-1].output_size
-    xs = jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)
+    xs = jax.device_put(rng.standard_normal((6, 5)).astype(np.float32))
     assert all(stackrnn.ByWidth().choose(c) == "fused" for c in cells)
     fused = stackrnn.StackedRNN(cells)
     reference = stackrnn.StackedRNN(

@@ -1,6 +1,7 @@
 """Initialisation choices: orthogonal recurrent weights and the LSTM's forget-gate
 bias, each deterministic for a key and leaving every other parameter as drawn."""
 
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -32,7 +33,7 @@ def _cell(kind, input_size, hidden_size, *, init, key, **kwargs):
 def _zeros(key, shape, dtype, *, role, hidden_size):
     """An initialiser that draws nothing (each new shape would compile a program),
     for the tests that read `weight_hh` alone."""
-    return jnp.asarray(np.zeros(shape), dtype)
+    return jax.device_put(np.zeros(shape, dtype))
 
 
 def _blocks(cell):

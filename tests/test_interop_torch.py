@@ -175,7 +175,7 @@ def _check_parity(cfg):
     with x64(cfg.dtype == "float64"):
         stack = from_torch(module)
         assert_same_state_dict(to_torch(stack), module.state_dict())
-        args = (stack, jnp.asarray(xs), jax.tree.map(jnp.asarray, state))
+        args = (stack, jax.device_put(xs), jax.tree.map(jax.device_put, state))
         (_, (ys, final)), grads = _value_and_grad(args, ct_ys, ct_state)
 
     close(ys, ys_t, cfg.dtype)
@@ -257,7 +257,7 @@ def make_stack(cfg):
     def draw(x):
         if not isinstance(x, jax.ShapeDtypeStruct):
             return x
-        return jnp.asarray(rng.standard_normal(x.shape), x.dtype)
+        return jax.device_put(rng.standard_normal(x.shape).astype(x.dtype))
 
     return jax.tree.map(draw, eqx.filter_eval_shape(make))
 

@@ -37,7 +37,7 @@ def _randomised(cell, rng):
     def draw(x):
         if not isinstance(x, jax.ShapeDtypeStruct | jax.Array):
             return x
-        return jnp.asarray(rng.standard_normal(x.shape), x.dtype)
+        return jax.device_put(rng.standard_normal(x.shape).astype(x.dtype))
 
     return jax.tree.map(draw, cell)
 
@@ -114,7 +114,7 @@ def test_matches_a_numpy_reference(seed):
         for i, (make, kwargs) in enumerate(NORMALISED):
             rng = np.random.default_rng((seed, i))
             cell = _cell(make, rng, 3, 4, **kwargs)
-            xs = jnp.asarray(rng.standard_normal((4, 3)))
+            xs = jax.device_put(rng.standard_normal((4, 3)))
             state = _randomised(jax.eval_shape(cell.init_state), rng)
             ys, final = _run_fast(cell, xs, jax.tree.map(lambda s: s[None], state))
             lstm = make is stackrnn.LayerNormLSTMCell
@@ -212,7 +212,7 @@ def test_invariant_to_the_scale_of_the_weights(scale_ih, scale_hh, seed):
         one, scales = np.float64(1), (np.float64(scale_ih), np.float64(scale_hh))
         for make in (stackrnn.LayerNormGRUCell, stackrnn.LayerNormLSTMCell):
             cell = _cell(make, rng, 3, 4, eps=1e-30)
-            xs = jnp.asarray(rng.standard_normal((5, 3)))
+            xs = jax.device_put(rng.standard_normal((5, 3)))
             ys = _scaled_outputs(cell, xs, one, one)
             ys_scaled = _scaled_outputs(cell, xs, *scales)
             np.testing.assert_allclose(ys_scaled, ys, rtol=1e-9, atol=1e-12)
@@ -222,7 +222,7 @@ def test_unnormalised_cells_are_not_scale_invariant():
     """The property above is a property of the normalisation: a GRU fails it."""
     rng = np.random.default_rng(0)
     cell = _cell(stackrnn.GRUCell, rng, 3, 4)
-    xs = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
+    xs = jax.device_put(rng.standard_normal((5, 3)).astype(np.float32))
     one, ten = np.float32(1), np.float32(10)
     ys = _scaled_outputs(cell, xs, one, one)
     assert not np.allclose(ys, _scaled_outputs(cell, xs, ten, one), atol=1e-3)
@@ -244,7 +244,7 @@ def test_take_the_reference_path_even_when_fast(monkeypatch):
         raise AssertionError("the fast path ran")
 
     monkeypatch.setattr("stackrnn._layer.scan_fast", no_fast_path)
-    xs = jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)
+    xs = jax.device_put(rng.standard_normal((6, 3)).astype(np.float32))
 
     def loss(stack):
         ys, _ = stack(xs)
@@ -347,6 +347,6 @@ def test_deep_stacks_wire_and_stream_like_the_others(kind):
     rng = np.random.default_rng(0)
     shapes = [eqx.filter_eval_shape(make_cell, kind, 4, 4, key=KEY) for _ in range(3)]
     stack = stack_of([_randomised(cell, rng) for cell in shapes])
-    xs = jnp.asarray(rng.standard_normal((5, 4)), jnp.float32)
+    xs = jax.device_put(rng.standard_normal((5, 4)).astype(np.float32))
     check_layer_wiring(stack, xs)
     check_step_matches_scan(stack, xs)

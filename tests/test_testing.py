@@ -119,7 +119,8 @@ def cells():
         )
         made.append(
             jax.tree.map(
-                lambda s: jnp.asarray(rng.normal(0, 0.5, s.shape), s.dtype), shapes
+                lambda s: jax.device_put(rng.normal(0, 0.5, s.shape).astype(s.dtype)),
+                shapes,
             )
         )
         size = made[-1].output_size
@@ -130,7 +131,7 @@ def _sequence(seed, input_size):
     """`TIME` steps of N(0, 1) inputs, drawn by NumPy (JAX's generators compile a
     program for every new shape)."""
     xs = np.random.default_rng(seed).standard_normal((TIME, input_size))
-    return jnp.asarray(xs, jnp.float32)
+    return jax.device_put(xs.astype(np.float32))
 
 
 class _Compiled(stackrnn.StackedRNN):
