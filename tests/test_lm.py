@@ -47,14 +47,7 @@ def test_one_pass_equals_token_by_token(structure, seed):
     # logits and final state as one pass over the whole sequence.
     key, tkey = jax.random.split(jax.random.key(seed))
     vocab_size = structure["vocab_size"]
-    model = make_lm(
-        structure["cell"],
-        vocab_size,
-        structure["hidden"],
-        structure["layers"],
-        key,
-        embedding=structure["embedding"],
-    )
+    model = make_lm(**structure, key=key)
     tokens = jax.random.randint(tkey, (TIME,), 0, vocab_size)
     logits, final = one_pass(model, tokens)
     assert logits.shape == (TIME, vocab_size)
