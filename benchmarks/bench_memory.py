@@ -20,6 +20,10 @@ Three settings: `off` (no checkpointing), `on` (`checkpoint=True`, chunks of
 `ceil(sqrt(T))` steps) and `nested` (`checkpoint=(round(T ** (2/3)),
 round(T ** (1/3)))`, chunks of chunks).
 
+`--init` instead measures building a stack: the peak resident memory of a fresh
+subprocess while it builds `--layers` layers of `--input` x `--hidden` with each of
+`--inits`, against the size of the parameters it ends with.
+
 `--rss` also runs a few of the points, each in a fresh subprocess, and samples the
 process's resident memory while the step runs, to check that XLA's numbers are what
 the CPU backend really allocates. `--time-at T` times one step of every loss in
@@ -27,6 +31,8 @@ every setting at that T (median of `--repeats` runs, alternating, one process).
 
     python benchmarks/bench_memory.py                       # the docs' table
     python benchmarks/bench_memory.py --cells gru --times 1024 4096 --rss
+    python benchmarks/bench_memory.py --init --cells rnn gru lstm --input 8000 \
+        --hidden 8000 --layers 1
 """
 
 import argparse
@@ -35,6 +41,7 @@ import math
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,6 +58,11 @@ import stackrnn
 MAKE = {"rnn": stackrnn.RNN, "gru": stackrnn.GRU, "lstm": stackrnn.LSTM}
 MiB = 2**20
 LOSSES = ("outputs", "final", "lm")
+INITS = {
+    "pytorch": stackrnn.PyTorchInit(),
+    "normal": stackrnn.NormalInit(),
+    "orthogonal": stackrnn.OrthogonalInit(),
+}
 
 
 SETTINGS = {
@@ -182,6 +194,51 @@ def rss_point(cell, args, setting, loss, time_steps):
     return max(0, peak[0] - before)
 
 
+def init_point(cell, args, init, dtype):
+    """Builds one stack in this (fresh) process; returns the bytes of its parameters,
+    the rise of the peak resident memory while it was built, and the seconds."""
+    jax.block_until_ready(jnp.zeros(()))  # the runtime, before the baseline
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    stack = MAKE[cell](
+        args.input,
+        args.hidden,
+        args.layers,
+        init=INITS[init],
+        dtype=jnp.dtype(dtype),
+        key=jax.random.key(0),
+    )
+    jax.block_until_ready(stack)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    weights = sum(
+        leaf.nbytes for leaf in jax.tree.leaves(eqx.filter(stack, eqx.is_array))
+    )
+    return weights, peak - before, seconds
+
+
+def init_table(args):
+    print(
+        f"# jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"I={args.input} H={args.hidden} L={args.layers}"
+    )
+    print("| cell | init | dtype | weights MiB | peak rise MiB | rise / weights | s |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for cell in args.cells:
+        for init in args.inits:
+            for dtype in args.dtypes:
+                command = [sys.executable, __file__, "--init-point", cell, init, dtype]
+                for name in ("input", "hidden", "layers"):
+                    command += [f"--{name}", str(getattr(args, name))]
+                out = subprocess.run(command, capture_output=True, check=True).stdout
+                weights, rise, seconds = json.loads(out)
+                print(
+                    f"| {cell} | {init} | {dtype} | {weights / MiB:.0f} | "
+                    f"{rise / MiB:.0f} | {rise / weights:.2f} | {seconds:.1f} |",
+                    flush=True,
+                )
+
+
 def timing(cell, args, loss, time_steps):
     """Median seconds of one step in every setting, alternating."""
     runs = {}
@@ -220,7 +277,21 @@ def main():
         "--profile", type=int, default=None, help="largest arrays at this T"
     )
     parser.add_argument("--rss-point", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--init", action="store_true", help="peak memory of building the stacks"
+    )
+    parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
+    parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    parser.add_argument("--init-point", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.init_point:  # a subprocess of --init
+        cell, init, dtype = args.init_point
+        print(json.dumps(init_point(cell, args, init, dtype)))
+        return
+    if args.init:
+        init_table(args)
+        return
 
     if args.rss_point:  # a subprocess of --rss
         cell, setting, loss, time_steps = args.rss_point

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
 from ._checks import is_number
+from ._sample import draw, orthogonal
 
 
 Role = Literal["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"]
@@ -44,7 +45,7 @@ class PyTorchInit:
     def __call__(self, key, shape, dtype, *, role, hidden_size):
         del role
         bound = 1.0 / math.sqrt(hidden_size)
-        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+        return draw(jax.random.uniform, key, shape, dtype, minval=-bound, maxval=bound)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,13 @@ class NormalInit:
         del hidden_size
         if role.startswith("bias"):
             return jnp.zeros(shape, dtype)
-        return self.sigma * jax.random.normal(key, shape, dtype)
+        return draw(_scaled_normal, key, shape, dtype, sigma=self.sigma)
+
+
+def _scaled_normal(key, shape, dtype, *, sigma):
+    # The barrier keeps XLA from folding `sigma` into the normal's own factor
+    # sqrt(2) when this runs inside `jax.jit`, which moves the last bit of some draws.
+    return sigma * jax.lax.optimization_barrier(jax.random.normal(key, shape, dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +122,7 @@ class OrthogonalInit:
             )
         # QR needs at least single precision; half-precision weights are cast after.
         work = dtype if jnp.dtype(dtype).itemsize >= 4 else jnp.float32
-        blocks = jax.random.orthogonal(
-            key, hidden_size, (rows // hidden_size,), work, cols
+        blocks = orthogonal(
+            key, hidden_size, rows // hidden_size, work, cols, self.gain, dtype
         )
-        return (self.gain * blocks).reshape(shape).astype(dtype)
+        return blocks.reshape(shape)

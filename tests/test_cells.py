@@ -107,15 +107,18 @@ def _replace(cell, name, value):
     [("elman_tanh", 0), ("elman_relu", 0), ("gru", 0), ("lstm", 0), ("lstm", 2)],
 )
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("path", [stackrnn.Reference(), stackrnn.ByWidth()])
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
-def test_matches_pytorch_with_its_weights(kind, proj_size, bias):
+def test_matches_pytorch_with_its_weights(kind, proj_size, bias, path):
     """With PyTorch's weights copied in unchanged, a cell scanned over time gives
-    PyTorch's outputs: same parameter layout, gate order and bias placement."""
+    PyTorch's outputs: same parameter layout, gate order and bias placement. On the
+    reference path (the cell's own math) and on the default one, which is the fused
+    loop where the accelerator is installed."""
     torch, ref, cell = _torch_pair(kind, bias, proj_size, seed=1)
     xs = np.random.default_rng(0).standard_normal((7, 3)).astype(np.float32)
     with torch.no_grad():
         want, _ = ref(torch.from_numpy(xs))
-    stack = stackrnn.StackedRNN([cell])
+    stack = stackrnn.StackedRNN([cell], scan=stackrnn.Scan(path=path))
     ys, _ = stack(jax.device_put(xs))
     np.testing.assert_allclose(ys, want.numpy(), rtol=1e-5, atol=1e-6)
 

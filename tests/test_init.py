@@ -1,7 +1,10 @@
 """Initialisation choices: orthogonal recurrent weights and the LSTM's forget-gate
 bias, each deterministic for a key and leaving every other parameter as drawn."""
 
+import pathlib
+
 import jax
+import jax.extend.random as jex_random
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -11,10 +14,12 @@ from hypothesis import given, strategies as st
 import stackrnn
 from stackrnn._kinds import cell_class
 
+from .data.save_inits import cell_bytes, cells, DTYPES
 from .helpers import KINDS as DRAWN_KINDS, seeds, tree_equal, x64
 
 
 KEY = jr.key(0)
+DATA = pathlib.Path(__file__).parent / "data"
 
 
 # The cell kinds the strategies draw, and a layer-normalised LSTM with `proj_size`.
@@ -150,3 +155,50 @@ def test_forget_bias_in_every_cell_of_a_stack():
         np.testing.assert_array_equal(total[h : 2 * h], np.full(h, 2.0))
         for q in _blocks(cell):
             np.testing.assert_allclose(q.T @ q, np.eye(h), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype, piece",
+    [(dtype, 16) for dtype in DTYPES] + [("float32", None), ("bfloat16", None)],
+)
+def test_draws_are_the_saved_ones(dtype, piece, monkeypatch):
+    """Every initialiser draws, for a key, the bits that the code drawing each
+    parameter in one `jax.random` call saved in `tests/data/inits.npz`: drawn
+    whole, and in pieces of 16 elements, as large parameters are drawn."""
+    if piece is not None:
+        monkeypatch.setattr(stackrnn._sample, "PIECE", piece)
+    saved = np.load(DATA / "inits.npz")
+    with x64(dtype == "float64"):
+        for name, cell in cells(dtype).items():
+            np.testing.assert_array_equal(
+                cell_bytes(cell), saved[f"{dtype}/{name}"], err_msg=name
+            )
+
+
+def test_pieces_count_past_two_to_the_32():
+    """A piece hashes each element's 64-bit index, split into a high and a low
+    word as JAX's partitionable threefry splits it, also where the low word
+    wraps around within the piece or from one piece to the next."""
+    data = jr.key_data(KEY)
+    base, size = 2**32 - 40, 100
+    bits = jax.jit(
+        lambda d: stackrnn._sample._fill(jr.bits, d, size, jnp.uint32, (), 32, base)
+    )(data)
+    index = np.arange(base, base + size, dtype=np.uint64)
+    words = [(index >> 32).astype(np.uint32), (index % 2**32).astype(np.uint32)]
+    expected = jex_random.threefry2x32_p.bind(
+        data[0], data[1], *map(jnp.asarray, words)
+    )
+    np.testing.assert_array_equal(bits, expected[0] ^ expected[1])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_pieces_need_little_more_than_the_result(dtype):
+    """A large draw in pieces holds the result and about a piece besides (one
+    `jax.random.uniform` call holds three more arrays of the result's size)."""
+    params = (("maxval", 1.0), ("minval", -1.0))
+    lowered = stackrnn._sample._in_pieces.lower(
+        jr.uniform, jr.key_data(KEY), (3000, 1000), dtype, params, 2**14
+    )
+    memory = lowered.compile().memory_analysis()
+    assert memory.temp_size_in_bytes < 0.05 * memory.output_size_in_bytes
