@@ -27,9 +27,10 @@ needs_kernels = pytest.mark.skipif(
 
 # (kind, (batch, time, input_size, hidden_size), bias, reverse). The kernel's
 # products walk `gates * hidden_size` columns in SIMD vectors of 16 float32 or 8
-# float64, in groups of up to four and a remainder: these widths give 5, 32, 60 and
-# 80 columns, so every group size and remainders from 0 to 15. 37 rows split over
-# threads into blocks of 4 and a remainder; 2 and 3 rows make a single short block.
+# float64, in groups of four, then one of three, two or one, then single columns:
+# these layers have 5, 32, 60 and 80 columns, which take every group size and leave
+# 0, 4, 5 and 12 single columns. 37 rows split over threads into blocks of 4 and a
+# remainder; 2 and 3 rows make a single short block.
 # Every example runs each layer at both precisions; the shapes stay fixed so that
 # the examples after the first reuse their compiled programs.
 LAYERS = (
