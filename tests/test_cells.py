@@ -9,22 +9,29 @@ import numpy as np
 import pytest
 from hypothesis import given
 from jax.ad_checkpoint import print_saved_residuals
+from jax.tree_util import Partial
 
 import stackrnn
-from stackrnn._gates import gru_update as _gru_update
+from stackrnn._gates import gru_update
 
 from .helpers import assert_derivatives_match, seeds, x64
 
 
 KEY = jr.key(0)
-# The derivative tests draw values at one size, so that their examples reuse the
-# programs compiled for the first.
+# The derivative tests draw values at one size, and differentiate functions jitted
+# once here, so that their examples reuse the programs compiled for the first.
 SIZE = 3
 
 
 @eqx.filter_jit
 def _pointwise(cell, gates_x, gates_h, state):
     return cell.pointwise(gates_x, gates_h, state)
+
+
+def _normal(rng, *shapes):
+    """Arrays of `shapes` from N(0, 4), drawn by NumPy (JAX's generators compile a
+    program for every new shape)."""
+    return tuple(jax.device_put(2 * rng.standard_normal(shape)) for shape in shapes)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -123,6 +130,10 @@ def test_matches_pytorch_with_its_weights(kind, proj_size, bias, path):
     np.testing.assert_allclose(ys, want.numpy(), rtol=1e-5, atol=1e-6)
 
 
+_gru_update = jax.jit(gru_update)
+
+
+@jax.jit
 def _gru_formula(gates_x, gates_h, h):
     """PyTorch's GRU update as documented, left to JAX's autodiff: the reference for
     the hand-written derivative."""
@@ -140,19 +151,16 @@ def test_gru_update_derivatives_match_the_formula(seed):
     """The GRU update's hand-written derivative gives autodiff's numbers in forward
     mode, reverse mode and at second order."""
     with x64(True):
-        keys = jr.split(jr.key(seed), 4)
-        shapes = [(3 * SIZE,), (3 * SIZE,), (SIZE,)]
-        primals = tuple(2 * jr.normal(k, s) for k, s in zip(keys, shapes))
-        assert_derivatives_match(
-            jax.jit(_gru_update), jax.jit(_gru_formula), primals, keys[3]
-        )
+        rng = np.random.default_rng(seed)
+        primals = _normal(rng, (3 * SIZE,), (3 * SIZE,), (SIZE,))
+        assert_derivatives_match(_gru_update, _gru_formula, primals, jr.key(seed))
 
 
 def test_gru_update_keeps_four_arrays_for_the_backward_pass(capsys):
     """Reverse mode keeps `r`, `z`, `n` and `h_n` besides the state: a layer's scan
     stacks every kept array over time, and at small widths writing those stacks is
     what the backward pass pays for (autodiff of the formula kept 8 besides it)."""
-    print_saved_residuals(_gru_update, jnp.zeros(6), jnp.zeros(6), jnp.zeros(2))
+    print_saved_residuals(gru_update, jnp.zeros(6), jnp.zeros(6), jnp.zeros(2))
     kept = capsys.readouterr().out.splitlines()
     assert len(kept) == 5
     assert sum("from the argument" in line for line in kept) == 1
@@ -179,7 +187,7 @@ def _lstm_formula(gates_x, gates_h, state):
     return _sigmoid_formula(o) * jnp.tanh(c), c
 
 
-_FORMULAS = {"rnn_tanh": _elman_tanh_formula, "lstm": _lstm_formula}
+_FORMULAS = {"rnn_tanh": jax.jit(_elman_tanh_formula), "lstm": jax.jit(_lstm_formula)}
 
 
 def _cell(kind, size):
@@ -197,17 +205,16 @@ def test_activation_derivatives_match_the_formula(kind, seed):
     order."""
     with x64(True):
         cell = _cell(kind, SIZE)
-        keys = jr.split(jr.key(seed), 4)
-        gates = cell.weight_ih.shape[0]
+        rng = np.random.default_rng(seed)
+        gates = cell.weight_ih.shape[:1]
         state = jax.tree.map(
-            lambda s: 2 * jr.normal(keys[2], s.shape), jax.eval_shape(cell.init_state)
+            lambda s: _normal(rng, s.shape)[0], jax.eval_shape(cell.init_state)
         )
-        primals = (2 * jr.normal(keys[0], (gates,)), 2 * jr.normal(keys[1], (gates,)))
         assert_derivatives_match(
-            functools.partial(_pointwise, cell),
-            jax.jit(_FORMULAS[kind]),
-            (*primals, state),
-            keys[3],
+            Partial(_pointwise, cell),
+            _FORMULAS[kind],
+            (*_normal(rng, gates, gates), state),
+            jr.key(seed),
         )
 
 
