@@ -384,18 +384,34 @@ def test_bad_cell_lists_the_kinds(capsys):
         assert kind in accepted
 
 
-@pytest.mark.slow
+@pytest.fixture
+def untrained(monkeypatch):
+    """`stackrnn train` with `fit` replaced by one epoch that trains nothing: the
+    run's files as the command writes them, holding the model it starts from,
+    without compiling an epoch."""
+
+    def one_epoch(model, data, *, opt_state, on_epoch, **kwargs):
+        history = stackrnn.lm.History([1.0], [1.0], [0.0])
+        on_epoch(model, opt_state, history)
+        return model, opt_state, history
+
+    monkeypatch.setattr("stackrnn.lm._cli.fit", one_epoch)
+
+
 @pytest.mark.parametrize("cell", ["rnn", "rnn_relu"])
-def test_elman_cells_use_d2ls_init(cell, text_file, tmp_path):
+def test_elman_cells_use_d2ls_init(cell, text_file, tmp_path, untrained):
     out = tmp_path / "rnn"
     assert run("train", "--data", text_file, "--out", out, "--cell", cell, *SMALL) == 0
     saved = stackrnn.lm.SavedRun.read(out)
     hp = saved.hyperparameters
     assert hp["init"] == "normal"
-    model, _, _ = _new_state(hp, len(saved.vocab), jax.random.key(0))
+    like, _, opt_state = _new_state(hp, len(saved.vocab), jax.random.key(1))
+    model, _ = saved.load((like, opt_state))
     for c in model.rnn.cells:
         assert isinstance(c, stackrnn.ElmanCell)
         assert c.nonlinearity == {"rnn": "tanh", "rnn_relu": "relu"}[cell]
+        # d2l's normal(0.01), not PyTorch's uniform(+-1/sqrt(8)) (std 0.2).
+        assert 0.005 < float(jnp.std(c.weight_hh)) < 0.015
 
 
 def test_run_saved_as_rnn_generates_and_keeps_its_cell(tmp_path, capsys):
