@@ -93,7 +93,7 @@ CHECKPOINTED = [
         True,
         True,
     ),
-    (Config("lstm", 2, (4, 3), False, 9), "forward", True, False, False, 2, True, True),
+    (Config("lstm", 2, (4, 3), False, 9), "reverse", True, False, False, 2, True, True),
     # The default path (fused, where the accelerator is installed) in chunks
     # longer than the sequence.
     (Config("gru", 2, (4, 4), True, 6), "forward", 10, False, False, 1, None, False),

@@ -78,15 +78,18 @@ def test_length_equals_truncating_each_example(direction, lengths, flags, seed):
         assert tree_equal(ys[b, n:], jnp.zeros_like(ys[b, n:]))
 
 
-@pytest.mark.parametrize("direction", ["reverse", "bidirectional"])
+@pytest.mark.parametrize(
+    "direction, fast", [("reverse", None), ("reverse", True), ("bidirectional", None)]
+)
 @given(seed=seeds)
-def test_directions_equal_the_reference(direction, seed):
+def test_directions_equal_the_reference(direction, fast, seed):
     """The backward direction of a bidirectional stack, and every layer of a reverse
     one, read the sequence last step first from the given initial state; the next
-    layer reads both directions side by side, forward first."""
+    layer reads both directions side by side, forward first. On the default path
+    and on the fast path."""
     cfg = SHAPES[direction]
     kc, kx, ks = jr.split(jr.key(seed), 3)
-    stack = make_stack(cfg, kc, direction)
+    stack = make_stack(cfg, kc, direction, fast=fast)
     xs = inputs(cfg, kx)
     state = random_state(stack, ks)
     assert tree_allclose(call(stack, xs, state), by_hand(stack, xs, state), **TOL32)
