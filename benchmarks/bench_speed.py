@@ -10,7 +10,9 @@ each config and cell, and reports each implementation's share of it.
     python benchmarks/bench_speed.py                      # everything
     python benchmarks/bench_speed.py --configs d2l --cells gru --repeats 7
 
-Needs torch (`pip install "stackrnn[torch]"`) for the PyTorch column.
+Needs torch (`pip install -e ".[torch]"`) for the PyTorch column. Where JAX's default
+backend is a GPU, PyTorch runs on CUDA (cuDNN) too, and both keep their default
+float32 matrix-product precision.
 """
 
 import argparse
@@ -217,19 +219,31 @@ def pytorch(cell, config):
 
     i, h, layers, b, t = config
     make = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[cell]
-    module = make(i, h, layers)
-    xs = torch.randn(t, b, i)
+    device = _torch_device()
+    module = make(i, h, layers).to(device)
+    xs = torch.randn(t, b, i, device=device)
+    # A GPU runs asynchronously: wait for it, as `jax.block_until_ready` does.
+    done = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def forward():
         with torch.no_grad():
-            return module(xs)[0]
+            out = module(xs)[0]
+        done()
+        return out
 
     def forward_backward():
         module.zero_grad()
         out, _ = module(xs)
         (out**2).sum().backward()
+        done()
 
     return forward, forward_backward
+
+
+def _torch_device():
+    """PyTorch runs on the kind of device JAX runs on: its GPU (cuDNN's fused
+    loops) when JAX's default backend is a GPU, else the CPU."""
+    return "cuda" if jax.default_backend() == "gpu" else "cpu"
 
 
 IMPLEMENTATIONS = {
@@ -240,6 +254,9 @@ IMPLEMENTATIONS = {
     "reference, batch": reference_batched,
     "fast, batch": fast_batched,
 }
+if stackrnn.Fused().choose(stackrnn.GRUCell(1, 1, key=jax.random.key(0))) == "fused":
+    # The optional CPU accelerator (`pip install ./kernels`) is installed.
+    IMPLEMENTATIONS["fused"] = lambda c, cfg: ours(c, cfg, stackrnn.Fused())
 
 
 def measure(cell, name, repeats):
@@ -278,10 +295,10 @@ def measure(cell, name, repeats):
     return rows
 
 
-def default_path(name):
+def default_path(cell, name):
     """The path the default policy, `stackrnn.ByWidth()`, takes at the config's
     width."""
-    return "fast" if CONFIGS[name][1] >= stackrnn.ByWidth().min_hidden else "reference"
+    return stackrnn.ByWidth().choose(_stack(cell, CONFIGS[name]).cells[-1])
 
 
 def ratio(row, a, b):
@@ -308,12 +325,13 @@ def table(rows):
     for r in rows:
         config = ", ".join(map(str, CONFIGS[r["config"]]))
         ms = " | ".join(f"{r['ms'][i]:.1f}" for i in impls)
-        path = default_path(r["config"])
+        path = default_path(r["cell"], r["config"])
         torch_ratio = ratio(r, "torch", path)
-        vmap_ratio = ratio(r, path, f"{path}, batch")
+        batch = f"{path}, batch"  # the fused path has no hand-batched twin
+        vmap_ratio = f"{ratio(r, path, batch):.2f}" if batch in impls else "-"
         lines.append(
             f"| {r['config']} ({config}) | {r['cell']} | {r['mode']} | {ms} | {path} | "
-            f"{torch_ratio:.2f} | {vmap_ratio:.2f} | "
+            f"{torch_ratio:.2f} | {vmap_ratio} | "
             f"{100 * r['gemm_fraction']['fast']:.0f} |"
         )
     lines.append("")
@@ -363,8 +381,12 @@ def main():
 
     import torch
 
+    device = jax.devices()[0].device_kind
+    if _torch_device() == "cuda":
+        device += f", cuDNN {torch.backends.cudnn.version()}"
     print(
-        f"# {platform.processor() or platform.machine()}, jax {jax.__version__}, "
+        f"# {platform.processor() or platform.machine()} ({device}), "
+        f"jax {jax.__version__}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"{args.repeats} timed runs per cell of the table"
     )

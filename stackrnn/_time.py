@@ -12,6 +12,7 @@ import dataclasses
 import math
 
 import equinox as eqx
+import jax
 
 from ._cells import AbstractCell
 from ._checks import check_size
@@ -74,11 +75,13 @@ class ByWidth(AbstractPath):
     reference path's backward pass (per-step weight-gradient products, fewer stored
     arrays) is faster than the fast path's; from it on single products over all
     steps win; above `max_fused` the fused loop's small products lose to XLA's (the
-    measurement log, `benchmarks/README.md`). The default.
+    measurement log, `benchmarks/README.md`). On a GPU, where each of the reference
+    path's small per-step kernels costs a launch, every layer the fast path supports
+    takes it, whatever its width. The default.
 
     **Arguments:**
 
-    - `min_hidden`: the width from which the fast path is taken, default 512.
+    - `min_hidden`: the width from which the fast path is taken on CPU, default 512.
     - `max_fused`: the widest layer taken to the fused path, default 128.
     """
 
@@ -92,7 +95,7 @@ class ByWidth(AbstractPath):
     def choose(self, cell: AbstractCell) -> str:
         if cell.hidden_size <= self.max_fused and fused_supports(cell):
             return "fused"
-        if cell.hidden_size >= self.min_hidden:
+        if cell.hidden_size >= self.min_hidden or jax.default_backend() == "gpu":
             return Fast().choose(cell)
         return "reference"
 

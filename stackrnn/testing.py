@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
 
 try:
@@ -28,8 +28,8 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess test
         "pip install 'stackrnn[testing]'"
     ) from e
 
-from ._cells import AbstractCell, ElmanCell, GRUCell, LSTMCell
-from ._norm_cells import LayerNormGRUCell, LayerNormLSTMCell
+from ._cells import AbstractCell
+from ._kinds import cell_class, CELL_KINDS, LAYER_NORM_KINDS
 from ._stack import StackedRNN
 
 
@@ -45,6 +45,7 @@ __all__ = [
     "lengths",
     "inputs",
     "random_state",
+    "stack_by_hand",
     "check_depth_one_matches_cell",
     "check_layer_wiring",
     "check_step_matches_scan",
@@ -53,9 +54,14 @@ __all__ = [
     "check_jit_consistent",
 ]
 
-KINDS = ("rnn_tanh", "rnn_relu", "gru", "lstm", "lstm_proj", "gru_ln", "lstm_ln")
-"""The cell kinds the strategies draw: Elman (tanh, relu), GRU, LSTM, LSTM with a
-projection (`proj_size = hidden_size // 2`), and the layer-normalised GRU and LSTM."""
+KINDS = (
+    *CELL_KINDS,
+    "lstm_proj",
+    *(f"{kind}_ln" for kind in LAYER_NORM_KINDS),
+)
+"""The cell kinds the strategies draw: PyTorch's (`rnn_tanh`, `rnn_relu`, `gru`,
+`lstm`), and variants named by a suffix: `_proj`, an LSTM with a projection
+(`proj_size = hidden_size // 2`); `_ln`, layer-normalised (GRU and LSTM)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,20 +86,14 @@ def make_cell(
 ) -> AbstractCell:
     """One cell of `kind` (one of `KINDS`) reading `input_size` with `width` hidden
     units."""
-    if kind in ("rnn_tanh", "rnn_relu"):
-        return ElmanCell(input_size, width, nonlinearity=kind[4:], bias=bias, key=key)
-    if kind == "gru":
-        return GRUCell(input_size, width, bias=bias, key=key)
-    if kind == "gru_ln":
-        return LayerNormGRUCell(input_size, width, bias=bias, key=key)
-    if kind == "lstm_ln":
-        return LayerNormLSTMCell(input_size, width, bias=bias, key=key)
-    if kind not in ("lstm", "lstm_proj"):
+    if kind not in KINDS:
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
-    proj = max(1, width // 2) if kind == "lstm_proj" else 0
-    return LSTMCell(
-        input_size, width, proj_size=proj if proj < width else 0, bias=bias, key=key
-    )
+    base = kind.removesuffix("_ln").removesuffix("_proj")
+    cell, keywords = cell_class(base, layer_norm=kind.endswith("_ln"))
+    proj = max(1, width // 2)
+    if kind.endswith("_proj") and proj < width:
+        keywords["proj_size"] = proj
+    return cell(input_size, width, bias=bias, key=key, **keywords)
 
 
 def make_cells(cfg: Config, key: PRNGKeyArray) -> list[AbstractCell]:
@@ -191,6 +191,166 @@ def lengths(time: int) -> "st.SearchStrategy[int]":
     return st.integers(1, time)
 
 
+# The reference
+
+
+def _stackable(states: list) -> bool:
+    # The documented layout: states stacked on a leading axis when all share their
+    # shapes, else a tuple with one state per cell.
+    shapes = [jax.tree.map(jnp.shape, s) for s in states]
+    return all(s == shapes[0] for s in shapes)
+
+
+def _join(states: list) -> PyTree[Array]:
+    if _stackable(states):
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    return tuple(states)
+
+
+def _split(cells: list[AbstractCell], state) -> list:
+    if _stackable([cell.init_state() for cell in cells]):
+        return [jax.tree.map(lambda s: s[i], state) for i in range(len(cells))]
+    return list(state)
+
+
+def _innermost_chunks(time: int, lengths: Sequence[int], offset: int = 0) -> list:
+    """`(first step, size)` of every innermost chunk, in time order, of `time` steps
+    cut into chunks of `lengths[0]` steps, each of those into chunks of
+    `lengths[1]`, and so on."""
+    found = []
+    for start in range(0, time, lengths[0]):
+        size = min(lengths[0], time - start)
+        if len(lengths) > 1:
+            found += _innermost_chunks(size, lengths[1:], offset + start)
+        else:
+            found.append((offset + start, size))
+    return found
+
+
+def stack_by_hand(
+    stack: StackedRNN,
+    xs: Float[Array, "time input"],
+    state: PyTree[Array] | None = None,
+    *,
+    length: int | None = None,
+    resets: Bool[Array, " time"] | None = None,
+    key: PRNGKeyArray | None = None,
+    inference: bool | None = None,
+    all_layers: bool = False,
+) -> tuple[Array | tuple[Array, ...], PyTree[Array]]:
+    """What `stack(xs, state, ...)` computes, by Python loops over layers,
+    directions and steps, each step one `cell(x, state)` and `cell.output(state)`:
+    a slow reference, written without the stack's own code, that every path of the
+    stack can be held to. `check_depth_one_matches_cell` and `check_layer_wiring`
+    compare against it.
+
+    It reads the stack's fields (`cells`, `backward_cells`, `dropout`,
+    `variational`, `residual`, `scan`, `inference`) and draws the masks as the
+    stack documents: `key` split into `num_layers - 1` keys, one for the dropout of
+    each layer's input above the first, then one per layer and direction (forward
+    first) that the layer's cell gets in `for_sequence`, where wrapper cells draw
+    theirs. With `scan.checkpoint` on a unidirectional stack, the loop over the
+    innermost chunks is outside the loop over layers, and the masks drawn per step
+    are drawn per chunk, from their key folded with the chunk's first step.
+
+    **Arguments:**
+
+    - `stack`: a [`stackrnn.StackedRNN`][], or a subclass of your own.
+    - `xs`, `state`, `resets`, `key`, `inference`, `all_layers`: as in
+      [`stackrnn.StackedRNN.__call__`][]. (Keyword only arguments, but `xs` and
+      `state`.)
+    - `length`: as in `__call__`, but a Python integer. (Keyword only argument.)
+
+    **Returns:**
+
+    `(ys, final_state)`, as [`stackrnn.StackedRNN.__call__`][] returns them.
+    """
+    time = len(xs)
+    valid = time if length is None else int(length)
+    inference = stack.inference if inference is None else inference
+    layers = [[cell] for cell in stack.cells]
+    if stack.backward_cells is not None:
+        layers = [[f, b] for f, b in zip(stack.cells, stack.backward_cells)]
+    directions = len(layers[0])
+    all_cells = [cell for cells in layers for cell in cells]
+    if state is None:
+        states = [cell.init_state() for cell in all_cells]
+    else:
+        states = _split(all_cells, state)
+    drop = not inference and stack.dropout > 0 and len(layers) > 1
+    if key is None:
+        if drop:
+            raise RuntimeError(
+                "`stack_by_hand` needs a `key` for the stack's `dropout` in "
+                "training; pass `key=...` or `inference=True`"
+            )
+        drop_keys, cell_keys = [], [None] * len(all_cells)
+    else:
+        keys = jax.random.split(key, len(layers) - 1 + len(all_cells))
+        drop_keys, cell_keys = keys[: len(layers) - 1], keys[len(layers) - 1 :]
+
+    checkpoint = stack.scan.checkpoint
+    if checkpoint is None or stack.backward_cells is not None:
+        pieces, chunked = [(0, time)], False
+    else:
+        pieces, chunked = _innermost_chunks(time, checkpoint.for_time(time)), True
+    backwards = [stack.scan.reverse or d == 1 for d in range(directions)]
+
+    def read(cell, inputs, state, first, backwards):
+        # Steps `first + j` of the sequence; past `length` none is read, and a
+        # reset returns the state to zeros before the first step of a segment
+        # (reading backwards: after its first step, before the step before it).
+        ys = [jnp.zeros_like(cell.output(cell.init_state()))] * len(inputs)
+        order = range(len(inputs))
+        for j in reversed(order) if backwards else order:
+            t = first + j
+            if t >= valid:
+                continue
+            if resets is not None:
+                if backwards:
+                    reset = resets[t + 1] if t + 1 < valid else False
+                else:
+                    reset = resets[t]
+                fresh = cell.init_state()
+                state = jax.tree.map(lambda f, s: jnp.where(reset, f, s), fresh, state)
+            state = cell(inputs[j], state)
+            ys[j] = cell.output(state)
+        return jnp.stack(ys), state
+
+    outputs = {}
+    for first, size in pieces[::-1] if stack.scan.reverse else pieces:
+        start = first if chunked else None
+        hs = xs[first : first + size]
+        for i, cells in enumerate(layers):
+            below = hs
+            if i > 0 and drop:
+                k = drop_keys[i - 1]
+                if stack.variational:
+                    shape = (1, hs.shape[-1])
+                else:
+                    k = k if start is None else jax.random.fold_in(k, start)
+                    shape = hs.shape
+                keep = jax.random.bernoulli(k, 1 - stack.dropout, shape)
+                hs = jnp.where(keep, hs / (1 - stack.dropout), jnp.zeros((), hs.dtype))
+            ys = []
+            for d, cell in enumerate(cells):
+                n = i * directions + d
+                cell, inputs = cell.for_sequence(
+                    hs, key=cell_keys[n], inference=inference, start=start
+                )
+                y, states[n] = read(cell, inputs, states[n], first, backwards[d])
+                ys.append(y)
+            hs = jnp.concatenate(ys, axis=-1)
+            if stack.residual and i > 0:
+                hs = hs + below
+            outputs[first, i] = hs
+    per_layer = tuple(
+        jnp.concatenate([outputs[first, i] for first, _ in pieces])
+        for i in range(len(layers))
+    )
+    return (per_layer if all_layers else per_layer[-1]), _join(states)
+
+
 # Checks
 
 
@@ -212,15 +372,6 @@ def _assert_close(what: str, got, want, rtol: float, atol: float) -> None:
                 f"{what}: leaf {i} (shape {a.shape}) differs by up to {err:.3g} "
                 f"(rtol={rtol}, atol={atol})"
             )
-
-
-def _by_hand(cell: AbstractCell, xs, state):
-    """The cell run over `xs` by a Python loop: one plain `cell(x, state)` per step."""
-    ys = []
-    for x in xs:
-        state = cell(x, state)
-        ys.append(cell.output(state))
-    return jnp.stack(ys), state
 
 
 def check_depth_one_matches_cell(
@@ -252,15 +403,12 @@ def check_depth_one_matches_cell(
     `AssertionError` saying which output differs and by how much.
     """
     state = cell.init_state() if state is None else state
-    ys, final = stack([cell])(xs, jax.tree.map(lambda s: s[None], state))
-    want_ys, want_final = _by_hand(cell, xs, state)
+    state = jax.tree.map(lambda s: s[None], state)
+    ys, final = stack([cell])(xs, state)
+    want_ys, want_final = stack_by_hand(StackedRNN([cell]), xs, state, inference=True)
     _assert_close("depth-1 stack outputs vs the cell", ys, want_ys, rtol, atol)
     _assert_close(
-        "depth-1 stack final state vs the cell",
-        final,
-        jax.tree.map(lambda s: s[None], want_final),
-        rtol,
-        atol,
+        "depth-1 stack final state vs the cell", final, want_final, rtol, atol
     )
 
 
@@ -272,11 +420,12 @@ def check_layer_wiring(
     atol: float = 1e-6,
 ) -> None:
     """Layer `l` reads the outputs of layer `l-1` (the bottom layer reads `xs`): the
-    stack's outputs equal its cells run one after another by Python loops.
+    stack's outputs at inference equal [`stackrnn.testing.stack_by_hand`][]'s, its
+    cells run one after another by Python loops.
 
     Catches the miswiring of d2l's JAX `GRU(num_layers)`, which feeds the raw input
-    to every layer but the last. For unidirectional stacks without dropout (or with
-    `inference=True`), residual connections or wrapper cells.
+    to every layer but the last. For any stack: reversed, bidirectional, residual,
+    with wrapper cells (run at inference).
 
     **Arguments:**
 
@@ -289,10 +438,8 @@ def check_layer_wiring(
     `AssertionError` if the outputs differ.
     """
     ys, _ = stack(xs, inference=True)
-    hs = xs
-    for cell in stack.cells:
-        hs, _ = _by_hand(cell, hs, cell.init_state())
-    _assert_close("stack outputs vs its layers applied in order", ys, hs, rtol, atol)
+    want, _ = stack_by_hand(stack, xs, inference=True)
+    _assert_close("stack outputs vs its layers applied in order", ys, want, rtol, atol)
 
 
 def check_step_matches_scan(

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from hypothesis import settings
+from hypothesis import settings, strategies as st
 
 import stackrnn
 
@@ -19,7 +19,29 @@ from stackrnn.testing import (
     KINDS as KINDS,
     make_cell as make_cell,
     make_cells as make_cells,
+    random_state as random_state,
+    stack_by_hand as stack_by_hand,
 )
+
+
+# One place for what many test files share.
+DIRECTIONS = ("forward", "reverse", "bidirectional")
+TOL32 = dict(rtol=1e-5, atol=1e-6)  # float32: compiled versus op by op
+TOL64 = dict(rtol=1e-10, atol=1e-10)  # float64: two algorithms, same math
+seeds = st.integers(0, 2**16)
+
+
+@eqx.filter_jit
+def call(model, xs, state=None, **options):
+    """`model(xs, state, **options)`, compiled once per structure of its arguments
+    (array options traced, the others static): a property test's examples of one
+    shape reuse one program, where a new closure under `jit` would compile anew."""
+    return model(xs, state, **options)
+
+
+# The by-hand reference, compiled likewise (its Python loops unrolled once per
+# structure); eager, it dispatches every operation of every step on its own.
+by_hand = eqx.filter_jit(stack_by_hand)
 
 
 @contextlib.contextmanager

@@ -10,41 +10,27 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
-from hypothesis import assume, example, given, strategies as st
+from hypothesis import example, given, strategies as st
 
 import stackrnn
-from stackrnn._dropout import dropout
-from stackrnn._fold import split_keys
 
 from .helpers import (
+    call,
     Config,
-    configs,
-    fewer,
+    DIRECTIONS,
     inputs,
-    make_cells,
     make_stack,
+    random_state,
+    seeds,
+    stack_by_hand,
     stack_of,
     to_float64,
+    TOL32,
+    TOL64,
     tree_allclose,
     with_options,
     x64,
 )
-
-
-DIRECTIONS = ("forward", "reverse", "bidirectional")
-# In float64 the two programs differ only in the order of float additions (weight
-# gradients summed per chunk, then over chunks), far below this tolerance.
-RTOL = ATOL = 1e-10
-# Float32, for dropout and the constructors: rounding of reordered sums.
-TOL32 = dict(rtol=1e-5, atol=1e-6)
-
-
-def _random_state(stack, key):
-    leaves, treedef = jax.tree.flatten(stack.init_state())
-    keys = jr.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [jr.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-    )
 
 
 def _weighted_sum(tree):
@@ -57,164 +43,157 @@ def _weighted_sum(tree):
     return total
 
 
-# One level (`True`, a length) or nested levels (a tuple of lengths, outermost first).
-chunks = st.one_of(
-    st.just(True),
-    st.integers(1, 10),
-    st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple),
-)
+@eqx.filter_jit
+def _outputs_and_grads(model, xs, states, options, all_layers):
+    """Under `vmap`, the outputs and final states, and the gradients of a weighted
+    sum of them with respect to the cells' parameters, the inputs and the initial
+    states (compiled once per structure)."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss(params, xs, states):
+        model = eqx.combine(params, static)
+        run = jax.vmap(lambda x, s, o: model(x, s, all_layers=all_layers, **o))
+        outputs = run(xs, states, options)
+        return _weighted_sum(outputs), outputs
+
+    (_, outputs), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(
+        params, xs, states
+    )
+    d_params, d_xs, d_states = grads
+    # The cells' parameters: the two stacks differ in a static field.
+    return outputs, (d_params.cells, d_params.backward_cells), d_xs, d_states
 
 
-@fewer()
-@given(
-    cfg=configs(max_layers=3, max_time=9),
-    direction=st.sampled_from(DIRECTIONS),
-    chunk=chunks,
-    lengths=st.one_of(st.none(), st.lists(st.integers(1, 9), min_size=2, max_size=2)),
-    flags=st.one_of(
-        st.none(),
-        st.lists(
-            st.lists(st.booleans(), min_size=9, max_size=9), min_size=2, max_size=2
-        ),
+# Fixed shapes that together cover every direction, one level of chunks that divide
+# the time or not, longer than the sequence or of one step, nested chunks, `length`
+# and `resets` (including resets at chunk boundaries, which a backwards read must
+# carry from one chunk into the next), `unroll`, every path (`fast`: None for the
+# default, by width, True for the fast path; with `length` or `resets` the
+# reference path is taken) and `all_layers`.
+# (config, direction, chunks, lengths?, resets?, unroll, fast, all_layers)
+CHECKPOINTED = [
+    (Config("lstm", 2, (3, 4), True, 7), "reverse", 2, True, True, 1, None, True),
+    (
+        Config("rnn_tanh", 2, (3, 4), True, 9),
+        "reverse",
+        (4, 3),
+        True,
+        True,
+        1,
+        None,
+        False,
     ),
-    unroll=st.integers(1, 2),
-    fast=st.sampled_from([None, True, False]),
-    all_layers=st.booleans(),
-    seed=st.integers(0, 2**16),
+    (
+        Config("gru_ln", 2, (3, 3), True, 8),
+        "bidirectional",
+        (3, 1),
+        True,
+        True,
+        2,
+        True,
+        True,
+    ),
+    (Config("lstm", 2, (4, 3), False, 9), "reverse", True, False, False, 2, True, True),
+    # The default path (fused, where the accelerator is installed) in chunks
+    # longer than the sequence.
+    (Config("gru", 2, (4, 4), True, 6), "forward", 10, False, False, 1, None, False),
+]
+
+
+@pytest.mark.parametrize(
+    "cfg, direction, chunk, has_lengths, has_resets, unroll, fast, all_layers",
+    CHECKPOINTED,
+    ids=[f"{c[0].kind}-{c[1]}" for c in CHECKPOINTED],
 )
-# Resets at chunk boundaries, read backwards (the flag must cross into the next
-# chunk), with lengths that end inside a chunk and a chunk that does not divide time.
+@given(
+    lengths=st.lists(st.integers(1, 9), min_size=2, max_size=2),
+    flags=st.lists(
+        st.lists(st.booleans(), min_size=9, max_size=9), min_size=2, max_size=2
+    ),
+    seed=seeds,
+)
+# Resets at the chunk boundaries of the first shape, read backwards, with lengths
+# that end inside a chunk.
 @example(
-    cfg=Config(kind="lstm", input_size=2, widths=(3, 4), bias=True, time=7),
-    direction="reverse",
-    chunk=2,
     lengths=[6, 7],
     flags=[[False, True, True, False, True, True, True, False, False]] * 2,
-    unroll=1,
-    fast=None,
-    all_layers=True,
     seed=0,
 )
-@example(
-    cfg=Config(kind="gru", input_size=2, widths=(3, 3), bias=True, time=8),
-    direction="bidirectional",
-    chunk=3,
-    lengths=[5, 8],
-    flags=[[False, False, False, True, False, False, True, False, False]] * 2,
-    unroll=2,
-    fast=True,
-    all_layers=False,
-    seed=1,
-)
-# Nested chunks that do not divide each other or time, read backwards with resets
-# at inner and outer chunk boundaries.
-@example(
-    cfg=Config(kind="gru", input_size=2, widths=(3, 4), bias=True, time=9),
-    direction="reverse",
-    chunk=(4, 3),
-    lengths=[8, 9],
-    flags=[[False, False, False, True, True, False, False, True, False]] * 2,
-    unroll=1,
-    fast=None,
-    all_layers=False,
-    seed=2,
-)
 def test_checkpointed_equals_plain(
-    cfg, direction, chunk, lengths, flags, unroll, fast, all_layers, seed
+    cfg,
+    direction,
+    chunk,
+    has_lengths,
+    has_resets,
+    unroll,
+    fast,
+    all_layers,
+    lengths,
+    flags,
+    seed,
 ):
     """Values, final states and gradients with respect to parameters, inputs and
-    initial states, under `jit` and `vmap`, for chunks that divide the time or not,
-    chunks longer than the sequence, `length`, `resets` (including resets at chunk
-    boundaries, which a backwards read must carry from one chunk into the next) and
-    every path (`fast`)."""
+    initial states, under `jit` and `vmap`, in float64."""
     with x64(True):
         kc, kx, ks = jr.split(jr.key(seed), 3)
         plain = make_stack(cfg, kc, direction, unroll=unroll, fast=fast)
         plain = to_float64(plain)
         checkpointed = with_options(plain, checkpoint=chunk)
         xs = inputs(cfg, kx, batch=2).astype(jnp.float64)
-        states = jax.vmap(lambda k: _random_state(plain, k))(jr.split(ks, 2))
+        states = jax.vmap(lambda k: random_state(plain, k))(jr.split(ks, 2))
         options = {}
-        if lengths is not None:
+        if has_lengths:
             options["length"] = jnp.minimum(jnp.array(lengths), cfg.time)
-        if flags is not None:
+        if has_resets:
             options["resets"] = jnp.array([f[: cfg.time] for f in flags])
-
-        def run(model, xs, states):
-            return jax.vmap(lambda x, s, o: model(x, s, all_layers=all_layers, **o))(
-                xs, states, options
-            )
-
-        def grads(model, xs, states):
-            params, static = eqx.partition(model, eqx.is_inexact_array)
-
-            def loss(params, xs, states):
-                return _weighted_sum(run(eqx.combine(params, static), xs, states))
-
-            # Parameters (of the cells: the stacks differ in a static field),
-            # inputs and initial states.
-            d_params, d_xs, d_states = jax.grad(loss, (0, 1, 2))(params, xs, states)
-            return (d_params.cells, d_params.backward_cells), d_xs, d_states
-
-        for f in (run, grads):
-            got = eqx.filter_jit(f)(checkpointed, xs, states)
-            want = eqx.filter_jit(f)(plain, xs, states)
-            assert tree_allclose(got, want, rtol=RTOL, atol=ATOL)
+        got = _outputs_and_grads(checkpointed, xs, states, options, all_layers)
+        want = _outputs_and_grads(plain, xs, states, options, all_layers)
+        # The two programs differ only in the order of float additions (weight
+        # gradients summed per chunk, then over chunks).
+        assert tree_allclose(got, want, **TOL64)
 
 
-AFFINE = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 PER_SEQUENCE = [
     dict(dropout=0.5, variational=True, residual=True),
     dict(recurrent_dropout=0.4, weight_drop=0.3),
 ]
 
 
-@fewer()
-@given(
-    cfg=configs(kinds=AFFINE, max_layers=3, max_time=9, same_width=True),
-    direction=st.sampled_from(DIRECTIONS),
-    chunk=chunks,
-    regularisers=st.sampled_from(
-        [*PER_SEQUENCE, dict(dropout=0.5, zoneout=0.3, recurrent_dropout=0.2)]
-    ),
-    seed=st.integers(0, 2**16),
+def _loss(model, xs, key):
+    outputs = model(xs, key=key)
+    return _weighted_sum(outputs), outputs
+
+
+_grads_and_outputs = eqx.filter_jit(eqx.filter_grad(_loss, has_aux=True))
+
+
+@pytest.mark.parametrize(
+    "cfg, direction, chunk, regularisers",
+    [
+        (Config("gru", 3, (4, 4), True, 7), "forward", 3, PER_SEQUENCE[0]),
+        (Config("lstm", 3, (4, 4, 4), True, 7), "reverse", 2, PER_SEQUENCE[1]),
+        (
+            Config("rnn_relu", 3, (4, 4), False, 7),
+            "bidirectional",
+            (3, 2),
+            dict(dropout=0.5, zoneout=0.3, recurrent_dropout=0.2, residual=True),
+        ),
+    ],
+    ids=DIRECTIONS,
 )
-@example(
-    cfg=Config(kind="gru", input_size=3, widths=(4, 4), bias=True, time=7),
-    direction="forward",
-    chunk=3,
-    regularisers=PER_SEQUENCE[0],
-    seed=0,
-)
-@example(
-    cfg=Config(kind="lstm", input_size=3, widths=(4, 4), bias=True, time=7),
-    direction="reverse",
-    chunk=2,
-    regularisers=PER_SEQUENCE[1],
-    seed=0,
-)
+@given(seed=seeds)
 def test_sequence_masks_are_the_plain_ones(cfg, direction, chunk, regularisers, seed):
     """The masks drawn once per sequence (variational dropout, recurrent dropout,
     weight drop) are those of the plain stack, and so are all masks of a
     bidirectional stack (drawn outside its per-layer chunks): the same values and
-    gradients."""
-    # Unidirectional stacks draw per-step masks per chunk: the next test.
-    assume(direction == "bidirectional" or regularisers in PER_SEQUENCE)
-    if cfg.num_layers == 1:
-        regularisers = dict(
-            regularisers, dropout=0.0, variational=False, residual=False
-        )
+    gradients. (Unidirectional stacks draw per-step masks per chunk: the next
+    test.)"""
     kc, kx, kd = jr.split(jr.key(seed), 3)
     plain = make_stack(cfg, kc, direction, **regularisers)
     checkpointed = with_options(plain, checkpoint=chunk)
     xs = inputs(cfg, kx)
-
-    def loss(model, key):
-        outputs = model(xs, key=key)
-        return _weighted_sum(outputs), outputs
-
-    both = eqx.filter_jit(eqx.filter_grad(loss, has_aux=True))
-    (got_grads, got), (want_grads, want) = both(checkpointed, kd), both(plain, kd)
+    got_grads, got = _grads_and_outputs(checkpointed, xs, kd)
+    want_grads, want = _grads_and_outputs(plain, xs, kd)
     assert tree_allclose(got, want, **TOL32)
     assert tree_allclose(
         (got_grads.cells, got_grads.backward_cells),
@@ -223,86 +202,41 @@ def test_sequence_masks_are_the_plain_ones(cfg, direction, chunk, regularisers, 
     )
 
 
-def _innermost_chunks(time, lengths, offset=0):
-    """`(first step, size)` of every innermost chunk of `time` steps cut into
-    chunks of `lengths[0]` steps, each of those into chunks of `lengths[1]`, and so
-    on; in time order."""
-    found = []
-    for start in range(0, time, lengths[0]):
-        size = min(lengths[0], time - start)
-        if len(lengths) > 1:
-            found += _innermost_chunks(size, lengths[1:], offset + start)
-        else:
-            found.append((offset + start, size))
-    return found
+def _reference_loss(model, xs, key):
+    outputs = stack_by_hand(model, xs, key=key)
+    return _weighted_sum(outputs), outputs
 
 
-def _zoneout_loop(cell, hs, state, keeps, backwards):
-    """Zoneout by hand: each unit of the state keeps its previous value where its
-    mask `keeps[j][t]` (array `j` of the state, step `t`) is 1."""
-    out = [None] * len(hs)
-    for t in range(len(hs) - 1, -1, -1) if backwards else range(len(hs)):
-        new = cell(hs[t], state)
-        leaves = zip(keeps, jax.tree.leaves(state), jax.tree.leaves(new))
-        mixed = [jnp.where(k[t], s, n) for k, s, n in leaves]
-        state = jax.tree.unflatten(jax.tree.structure(state), mixed)
-        out[t] = cell.output(state)
-    return jnp.stack(out), state
-
-
-def _by_chunks(stack, xs, lengths, key):
-    """A unidirectional stack with dropout and a `Zoneout` cell per layer (no other
-    regulariser), by Python loops over the innermost chunks (last first for
-    `reverse`), layers and steps: the chunk from step `s` draws the input dropout of
-    layer `l` from `fold_in(dropout key of l, s)` and its zoneout masks from
-    `fold_in(zoneout key of l, s)`, the keys being those the plain stack splits
-    from `key` (a cell's wrappers take `split(cell key, 3)`, zoneout the third)."""
-    input_keys, cell_keys = split_keys(key, stack.num_layers, 1)
-    state = stack._split(stack.init_state())
-    pieces = _innermost_chunks(len(xs), lengths)
-    ys = {}
-    for start, size in pieces[:: -1 if stack.reverse else 1]:
-        hs = xs[start : start + size]
-        for i, zoneout in enumerate(stack.cells):
-            cell, rates = zoneout.cell, zoneout.rates
-            if i > 0:
-                hs = dropout(hs, stack.dropout, jr.fold_in(input_keys[i - 1], start))
-            k_zoneout = jr.fold_in(jr.split(cell_keys[i][0], 3)[2], start)
-            leaves = jax.tree.leaves(cell.init_state())
-            keeps = [
-                jr.bernoulli(k, p, (size, leaf.size))
-                for k, p, leaf in zip(jr.split(k_zoneout, len(leaves)), rates, leaves)
-            ]
-            hs, state[i] = _zoneout_loop(cell, hs, state[i], keeps, stack.reverse)
-        ys[start] = hs
-    return jnp.concatenate([ys[s] for s, _ in pieces]), stack._join(state)
-
-
-@fewer()
-@given(
-    cfg=configs(max_layers=3, max_time=9).filter(lambda c: c.num_layers > 1),
-    reverse=st.booleans(),
-    chunk=chunks,
-    seed=st.integers(0, 2**16),
+_reference_grads_and_outputs = eqx.filter_jit(
+    eqx.filter_grad(_reference_loss, has_aux=True)
 )
+
+
+@pytest.mark.parametrize(
+    "cfg, reverse, chunk",
+    [
+        (Config("gru", 2, (3, 4), True, 7), False, (3, 2)),
+        (Config("lstm", 2, (3, 4), True, 5), True, True),
+    ],
+    ids=["forward", "reverse"],
+)
+@given(seed=seeds)
 def test_step_masks_are_drawn_per_chunk(cfg, reverse, chunk, seed):
-    """Dropout between layers and zoneout draw fresh masks per chunk, as
-    documented; deterministic for a fixed key, so the recomputed chunks drop what
-    the forward pass dropped and the gradient is that of the loops."""
+    """Dropout between layers and zoneout draw fresh masks per innermost chunk, from
+    their key folded with the chunk's first step, as documented and as the
+    reference draws them; deterministic for a fixed key, so the recomputed chunks
+    drop what the forward pass dropped and the gradient is that of the loops."""
     kc, kx, kd = jr.split(jr.key(seed), 3)
     stack = stack_of(
-        make_cells(cfg, kc), reverse=reverse, dropout=0.5, zoneout=0.3, checkpoint=chunk
+        make_stack(cfg, kc, "forward").cells,
+        reverse=reverse,
+        dropout=0.5,
+        zoneout=0.3,
+        checkpoint=chunk,
     )
     xs = inputs(cfg, kx)
-    lengths = stackrnn.Chunks.from_flag(chunk).for_time(cfg.time)
-
-    def loss(model, key, run):
-        outputs = run(model, key)
-        return _weighted_sum(outputs), outputs
-
-    both = eqx.filter_jit(eqx.filter_grad(loss, has_aux=True))
-    got = both(stack, kd, lambda m, k: m(xs, key=k))
-    want = both(stack, kd, lambda m, k: _by_chunks(m, xs, lengths, k))
+    got = _grads_and_outputs(stack, xs, kd)
+    want = _reference_grads_and_outputs(stack, xs, kd)
     assert tree_allclose(got, want, **TOL32)
     with pytest.raises(RuntimeError, match="requires a `key`"):
         stack(xs)
@@ -392,7 +326,8 @@ def test_constructors_pass_checkpoint_on(getkey):
         key = getkey()
         checkpointed = make(3, 4, num_layers=2, checkpoint=4, key=key)
         assert checkpointed.scan.checkpoint == stackrnn.Chunks(4)
-        assert tree_allclose(checkpointed(xs), make(3, 4, 2, key=key)(xs), **TOL32)
+        want = call(make(3, 4, 2, key=key), xs)
+        assert tree_allclose(call(checkpointed, xs), want, **TOL32)
 
 
 def test_bad_checkpoint_values(getkey):

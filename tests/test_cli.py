@@ -1,3 +1,4 @@
+import functools
 import json
 import math
 import os
@@ -14,12 +15,29 @@ import stackrnn
 import stackrnn.lm
 from stackrnn.lm._cli import _new_state, _parser, DEFAULTS, main
 
+from .data.save_models import HERE as DATA
+
 
 # A small run: tiny model, few windows, two epochs.
 SMALL = [
     "--hidden", "8", "--num-steps", "8", "--num-train", "200", "--num-val", "50",
     "--batch-size", "64", "--epochs", "2", "--quiet",
 ]  # fmt: skip
+# A run `stackrnn train` wrote (one epoch of a small Elman network), stored so that
+# the tests that only read a run need no training.
+STORED = DATA / "rnn-run"
+STATE = "state-000001.eqx"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_optimizer_per_setting():
+    """The command builds a new optimiser for every run, and the compiled epoch
+    depends on the optimiser object: runs here with the same settings share one,
+    so that they share the compiled epoch of a model."""
+    with pytest.MonkeyPatch.context() as patch:
+        cached = functools.cache(stackrnn.lm.default_optimizer)
+        patch.setattr("stackrnn.lm._cli.default_optimizer", cached)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +55,7 @@ def run(*argv):
     return 0
 
 
+@pytest.mark.slow
 def test_train_generate_resume(text_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert run("train", "--data", text_file, "--out", out, *SMALL) == 0
@@ -82,6 +101,7 @@ def test_train_generate_resume(text_file, tmp_path, capsys):
     assert "is not the text the checkpoint was trained on" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_divergence_keeps_the_last_finite_epoch(
     text_file, tmp_path, capsys, monkeypatch
 ):
@@ -133,7 +153,7 @@ def edit_record(edit):
 
 def edit_state(edit):
     def damage(run):
-        path = run / "state-000002.eqx"
+        path = run / STATE
         path.write_bytes(edit(path.read_bytes()))
 
     return damage
@@ -146,12 +166,14 @@ def drop_letter(meta):
 @pytest.mark.parametrize(
     ("damage", "file", "message"),
     [
-        (edit_state(lambda b: b[: len(b) // 2]), "state-000002.eqx", "EOF: reading"),
-        (edit_state(lambda b: b[:0]), "state-000002.eqx", "No data left in file"),
-        (edit_state(lambda b: b + b), "state-000002.eqx", "holds more arrays"),
+        # Cut in the first array's header, then in an array's data.
+        (edit_state(lambda b: b[:60]), STATE, "EOF: reading array header"),
+        (edit_state(lambda b: b[: len(b) // 2]), STATE, "could only read"),
+        (edit_state(lambda b: b[:0]), STATE, "No data left in file"),
+        (edit_state(lambda b: b + b), STATE, "holds more arrays"),
         (
-            lambda run: (run / "state-000002.eqx").unlink(),
-            "state-000002.eqx",
+            lambda run: (run / STATE).unlink(),
+            STATE,
             "is missing, although",
         ),
         (
@@ -205,12 +227,17 @@ def drop_letter(meta):
             "`init` (='xavier'): expected ('pytorch', 'normal', 'orthogonal')",
         ),
         (
+            edit_record(lambda m: m["hyperparameters"].update(cell="tcn")),
+            "checkpoint.json",
+            "`cell` (='tcn'): expected ('rnn_tanh', 'rnn_relu', 'gru', 'lstm')",
+        ),
+        (
             edit_record(lambda m: m["hyperparameters"].update(residual="yes")),
             "checkpoint.json",
             "`residual` (='yes'): expected true or false",
         ),
         # A vocabulary that no longer matches the saved shapes.
-        (edit_record(drop_letter), "state-000002.eqx", "has changed shape"),
+        (edit_record(drop_letter), STATE, "has changed shape"),
         (
             lambda run: (run / "checkpoint.json").write_text('{"format": 1, "st'),
             "checkpoint.json",
@@ -223,9 +250,9 @@ def drop_letter(meta):
         ),
     ],
 )
-def test_damaged_run_directory(trained, tmp_path, capsys, damage, file, message):
+def test_damaged_run_directory(tmp_path, capsys, damage, file, message):
     out = tmp_path / "run"
-    shutil.copytree(trained, out)
+    shutil.copytree(STORED, out)
     damage(out)
     for argv in (
         ["train", "--out", out, "--resume", "--epochs", "3", "--quiet"],
@@ -259,21 +286,22 @@ def test_out_is_checked_before_training(text_file, tmp_path, capsys, monkeypatch
     assert err.count("\n") == 1 and f"`--out` {str(out)!r}" in err and message in err
 
 
-def test_stale_temporary_files_are_removed(trained, tmp_path, capsys):
+def test_stale_temporary_files_are_removed(tmp_path, capsys):
     out = tmp_path / "run"
-    shutil.copytree(trained, out)
+    shutil.copytree(STORED, out)
     # What saves killed midway leave, then files of other names that stay.
     stale = [".checkpoint.json.k3_x9a0q", ".state-000003.eqx.abcdefgh"]
     kept = [".checkpoint.json.bak", ".state-3.eqx.abcdefgh", "notes.txt"]
     for name in stale + kept:
         (out / name).write_text("")
     assert run("train", "--out", out, "--resume", "--quiet") == 0
-    assert "already has 2 epochs" in capsys.readouterr().out
+    assert "already has 1 epochs" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        kept + ["checkpoint.json", "curves.png", "state-000002.eqx"]
+        kept + ["checkpoint.json", STATE]
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "empty", "a first save stopped"])
 def test_resume_without_a_run_starts_one(text_file, tmp_path, capsys, case):
     out = tmp_path / "run"
@@ -335,11 +363,80 @@ def test_help_shows_the_defaults(command, capsys):
     assert shown >= 4
 
 
-def test_rnn_uses_d2ls_init(text_file, tmp_path):
+@pytest.mark.parametrize(
+    ("cell", "kind"),
+    [
+        ("rnn_tanh", "rnn_tanh"),
+        ("rnn_relu", "rnn_relu"),
+        ("gru", "gru"),
+        ("lstm", "lstm"),
+        ("rnn", "rnn_tanh"),  # the first spelling, kept so that old scripts run
+    ],
+)
+def test_cell_kinds(cell, kind):
+    assert _parser().parse_args(["train", "--cell", cell]).cell == kind
+
+
+def test_bad_cell_lists_the_kinds(capsys):
+    assert run("train", "--cell", "tcn") == 2
+    accepted = capsys.readouterr().err.split("invalid choice: 'tcn' (choose from")[1]
+    for kind in ("rnn_tanh", "rnn_relu", "gru", "lstm"):
+        assert kind in accepted
+
+
+@pytest.fixture
+def untrained(monkeypatch):
+    """`stackrnn train` with `fit` replaced by one epoch that trains nothing: the
+    run's files as the command writes them, holding the model it starts from,
+    without compiling an epoch."""
+
+    def one_epoch(model, data, *, opt_state, on_epoch, **kwargs):
+        history = stackrnn.lm.History([1.0], [1.0], [0.0])
+        on_epoch(model, opt_state, history)
+        return model, opt_state, history
+
+    monkeypatch.setattr("stackrnn.lm._cli.fit", one_epoch)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "rnn_relu"])
+def test_elman_cells_use_d2ls_init(cell, text_file, tmp_path, untrained):
     out = tmp_path / "rnn"
-    assert run("train", "--data", text_file, "--out", out, "--cell", "rnn", *SMALL) == 0
-    meta = json.loads((out / "checkpoint.json").read_text())
-    assert meta["hyperparameters"]["init"] == "normal"
+    assert run("train", "--data", text_file, "--out", out, "--cell", cell, *SMALL) == 0
+    saved = stackrnn.lm.SavedRun.read(out)
+    hp = saved.hyperparameters
+    assert hp["init"] == "normal"
+    like, _, opt_state = _new_state(hp, len(saved.vocab), jax.random.key(1))
+    model, _ = saved.load((like, opt_state))
+    for c in model.rnn.cells:
+        assert isinstance(c, stackrnn.ElmanCell)
+        assert c.nonlinearity == {"rnn": "tanh", "rnn_relu": "relu"}[cell]
+        # d2l's normal(0.01), not PyTorch's uniform(+-1/sqrt(8)) (std 0.2).
+        assert 0.005 < float(jnp.std(c.weight_hh)) < 0.015
+
+
+def test_run_saved_as_rnn_generates_and_keeps_its_cell(tmp_path, capsys):
+    """`tests/data/rnn-run` was saved when its checkpoint could only say `rnn`."""
+    saved = DATA / "rnn-run"
+    assert run("generate", "--run", saved, "--num-chars", "5") == 0
+    assert capsys.readouterr().out.startswith("time traveller")
+    out = tmp_path / "run"
+    shutil.copytree(saved, out)
+    assert run("train", "--out", out, "--resume", "--cell", "rnn_relu") == 2
+    assert "`--cell` (=rnn_relu) differs from the checkpoint's (=rnn_tanh)" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.slow
+def test_run_saved_as_rnn_resumes(tmp_path):
+    """The old command line resumes `tests/data/rnn-run`."""
+    out = tmp_path / "run"
+    shutil.copytree(DATA / "rnn-run", out)
+    argv = ["--resume", "--cell", "rnn", "--epochs", "2", "--quiet"]
+    assert run("train", "--out", out, *argv) == 0
+    resumed = stackrnn.lm.SavedRun.read(out)
+    assert resumed.hyperparameters["cell"] == "rnn_tanh"
+    assert len(resumed.history) == 2
 
 
 @pytest.mark.parametrize(
@@ -393,6 +490,7 @@ def test_data_directory(tmp_path, capsys):
     assert f"{str(tmp_path)!r} is a directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_with_unknown_prefix_characters(trained, capsys):
     # The training text has no q, u or z.
     assert run("generate", "--run", trained, "--prefix", "The quiz") == 0
@@ -403,6 +501,7 @@ def test_generate_with_unknown_prefix_characters(trained, capsys):
     assert "'q', 'u', 'z' (printed as '?')" in err
 
 
+@pytest.mark.slow
 def test_time_machine_from_the_command_line(tmp_path):
     # The README's command, as a user runs it (one epoch of a narrow model here), on
     # the packaged text.
@@ -425,6 +524,7 @@ def test_generate_needs_a_train_checkpoint(tmp_path, capsys):
     assert "it was not written by `stackrnn train`" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_devices(text_file, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--data", text_file, *SMALL]
@@ -437,15 +537,18 @@ def test_train_devices(text_file, tmp_path, capsys):
     assert "`devices` (=99) must be at most" in capsys.readouterr().err
 
 
-def test_optimizer_flag(text_file, tmp_path, capsys):
-    sgd, adam = tmp_path / "sgd", tmp_path / "adam"
-    assert run("train", "--data", text_file, "--out", sgd, *SMALL) == 0
+@pytest.mark.slow
+def test_optimizer_flag(trained, text_file, tmp_path, capsys):
+    sgd, adam = trained, tmp_path / "adam"
     # optax.adam's bias correction raises a float to an int32 power, which the
     # strict promotion these tests run under forbids; users run JAX's standard mode.
     with jax.numpy_dtype_promotion("standard"):
         argv = ["--out", adam, *SMALL, "--optimizer", "adam"]
         assert run("train", "--data", text_file, *argv) == 0
-    hp = {p.name: json.loads((p / "checkpoint.json").read_text()) for p in (sgd, adam)}
+    hp = {
+        name: json.loads((path / "checkpoint.json").read_text())
+        for name, path in (("sgd", sgd), ("adam", adam))
+    }
     assert hp["sgd"]["hyperparameters"]["optimizer"] == "sgd"
     assert hp["sgd"]["hyperparameters"]["lr"] == 2.0
     assert hp["adam"]["hyperparameters"]["optimizer"] == "adam"
@@ -455,9 +558,10 @@ def test_optimizer_flag(text_file, tmp_path, capsys):
     assert "--optimizer: invalid choice: 'rmsprop'" in capsys.readouterr().err
 
 
-def test_checkpoint_from_before_the_optimizer_flag_resumes(text_file, tmp_path):
+@pytest.mark.slow
+def test_checkpoint_from_before_the_optimizer_flag_resumes(trained, tmp_path):
     out = tmp_path / "run"
-    assert run("train", "--data", text_file, "--out", out, *SMALL) == 0
+    shutil.copytree(trained, out)
     path = out / "checkpoint.json"
     meta = json.loads(path.read_text())
     del meta["hyperparameters"]["optimizer"]
@@ -467,10 +571,11 @@ def test_checkpoint_from_before_the_optimizer_flag_resumes(text_file, tmp_path):
     assert run("generate", "--run", out, "--num-chars", "5") == 0
 
 
+@pytest.mark.slow
 def test_regulariser_and_cell_flags(text_file, tmp_path, capsys):
     out = tmp_path / "run"
     flags = [
-        "--cell", "lstm", "--layers", "3", "--dropout", "0.2", "--variational",
+        "--cell", "lstm", "--layers", "2", "--dropout", "0.2", "--variational",
         "--recurrent-dropout", "0.1", "--zoneout", "0.05", "--weight-drop", "0.2",
         "--residual", "--layer-norm", "--forget-bias", "1", "--init", "orthogonal",
     ]  # fmt: skip

@@ -13,10 +13,22 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 TORCH = re.compile(r"^(import|from) .*\btorch\b", re.MULTILINE)
+# Pages whose examples are slow by nature: they train, run a property test, or
+# compile 1000-step sequences.
+SLOW = {"docs/api/train.md", "docs/parallel.md", "docs/testing.md", "docs/sequences.md"}
+
+
+def _page(path):
+    slow = path.relative_to(ROOT).as_posix() in SLOW
+    return pytest.param(path, marks=[pytest.mark.slow] if slow else [], id=path.name)
+
+
+def test_slow_pages_exist():
+    assert SLOW <= {p.relative_to(ROOT).as_posix() for p in PAGES}
 
 
 @pytest.mark.parametrize(
-    "page", [p for p in PAGES if BLOCK.search(p.read_text())], ids=lambda p: p.name
+    "page", [_page(p) for p in PAGES if BLOCK.search(p.read_text())]
 )
 def test_code_blocks_run(page, monkeypatch, tmp_path):
     if TORCH.search(page.read_text()):

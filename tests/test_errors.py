@@ -3,6 +3,7 @@ value."""
 
 import re
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -13,6 +14,10 @@ import stackrnn
 
 
 KEY = jr.key(0)
+# Every check below runs at trace time, before a parameter is read: the models are
+# built with `eqx.filter_eval_shape`, shapes and dtypes without values, so that no
+# test compiles the random draws of its parameters.
+shape_of = eqx.filter_eval_shape
 
 
 def _raises(exc, *fragments):
@@ -23,12 +28,12 @@ def _raises(exc, *fragments):
 
 @pytest.fixture(scope="module")
 def gru():
-    return stackrnn.GRU(3, 4, num_layers=2, dropout=0.5, key=KEY)
+    return shape_of(stackrnn.GRU, 3, 4, num_layers=2, dropout=0.5, key=KEY)
 
 
 @pytest.fixture(scope="module")
 def lstm():
-    return stackrnn.LSTM(3, 4, num_layers=2, key=KEY)
+    return shape_of(stackrnn.LSTM, 3, 4, num_layers=2, key=KEY)
 
 
 def test_wrong_rank(gru):
@@ -97,7 +102,7 @@ def test_bad_configuration(make, kwargs, fragments):
     args = dict(input_size=3, hidden_size=4, num_layers=1)
     args.update(kwargs)
     with _raises(ValueError, *fragments):
-        make(**args, key=KEY)
+        shape_of(make, **args, key=KEY)
 
 
 def test_bad_nonlinearity():
@@ -192,18 +197,16 @@ def test_inference_must_be_a_bool(gru):
             gru(jnp.ones((5, 3)), inference=value)
         with _raises(TypeError, "`inference`", "True or False or None"):
             gru.step(jnp.ones(3), gru.init_state(), inference=value)
-    gru(jnp.ones((5, 3)), inference=np.bool_(True))
+    shape_of(lambda gru, xs: gru(xs, inference=np.bool_(True)), gru, jnp.ones((5, 3)))
 
 
 def test_bad_cells():
     with _raises(ValueError, "`cells`", "at least one"):
         stackrnn.StackedRNN([])
     with _raises(TypeError, "`cells[0]`", "AbstractCell", "Linear"):
-        import equinox as eqx
-
-        stackrnn.StackedRNN([eqx.nn.Linear(2, 2, key=KEY)])
-    a = stackrnn.GRUCell(3, 4, key=KEY)
-    b = stackrnn.GRUCell(5, 4, key=KEY)
+        stackrnn.StackedRNN([shape_of(eqx.nn.Linear, 2, 2, key=KEY)])
+    a = shape_of(stackrnn.GRUCell, 3, 4, key=KEY)
+    b = shape_of(stackrnn.GRUCell, 5, 4, key=KEY)
     with _raises(
         ValueError, "`cells[1].input_size` (=5)", "`cells[0].output_size` (=4)"
     ):
@@ -211,7 +214,7 @@ def test_bad_cells():
 
 
 def test_cell_inputs():
-    cell = stackrnn.LSTMCell(3, 4, key=KEY)
+    cell = shape_of(stackrnn.LSTMCell, 3, 4, key=KEY)
     with _raises(ValueError, "`x`", "(3,)", "got (2, 3)", "jax.vmap"):
         cell(jnp.ones((2, 3)), cell.init_state())
     with _raises(ValueError, "`state`", "a tuple"):
@@ -235,8 +238,11 @@ _KINDS = [
 @pytest.mark.parametrize("fast", [False, True])
 def test_inputs_and_state_must_have_the_parameters_dtype(make, fast):
     path = stackrnn.Fast() if fast else stackrnn.Reference()
-    stack = make(num_layers=2, path=path, key=KEY)
-    xs, state = jnp.ones((5, 3)), stack.init_state()
+    stack = shape_of(make, num_layers=2, path=path, key=KEY)
+    xs = np.ones((5, 3), np.float32)
+    state = jax.tree.map(
+        lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(stack.init_state)
+    )
     for dtype in (jnp.float16, jnp.bfloat16):
         with _raises(TypeError, "`xs`", "dtype float32", f"got {jnp.dtype(dtype)}"):
             stack(xs.astype(dtype), inference=True)
@@ -247,15 +253,17 @@ def test_inputs_and_state_must_have_the_parameters_dtype(make, fast):
             stack.step(xs[0].astype(dtype), state, inference=True)
         with _raises(TypeError, "`state`", "dtype float32", f"got {jnp.dtype(dtype)}"):
             stack.step(xs[0], low, inference=True)
-    half = make(num_layers=2, dtype=jnp.float16, path=path, key=KEY)
+    half = shape_of(make, num_layers=2, dtype=jnp.float16, path=path, key=KEY)
     with _raises(TypeError, "`xs`", "dtype float16", "got float32"):
         half(xs, inference=True)
-    ys, _ = half(xs.astype(jnp.float16), inference=True)
+    ys, _ = shape_of(
+        lambda half, xs: half(xs, inference=True), half, xs.astype(jnp.float16)
+    )
     assert ys.dtype == jnp.float16
 
 
 def test_cell_inputs_and_state_must_have_the_parameters_dtype():
-    cell = stackrnn.LSTMCell(3, 4, key=KEY)
+    cell = shape_of(stackrnn.LSTMCell, 3, 4, key=KEY)
     h, c = cell.init_state()
     with _raises(TypeError, "`x`", "dtype float32", "got bfloat16"):
         cell(jnp.ones(3, jnp.bfloat16), (h, c))
@@ -275,23 +283,28 @@ def test_transduce_encoding_must_have_the_parameters_dtype(gru):
 
 
 def test_numpy_scalars_are_numbers():
-    stack = stackrnn.LSTM(
-        np.int64(3),
-        np.int32(4),
-        num_layers=np.int64(2),
-        dropout=np.float32(0.25),
-        forget_bias=np.float32(1.0),
-        key=KEY,
+    # Closed over, not passed: `shape_of` would trace NumPy scalars as arrays.
+    stack = shape_of(
+        lambda: stackrnn.LSTM(
+            np.int64(3),
+            np.int32(4),
+            num_layers=np.int64(2),
+            dropout=np.float32(0.25),
+            forget_bias=np.float32(1.0),
+            key=KEY,
+        )
     )
     assert stack.num_layers == 2 and stack.dropout == 0.25
     assert type(stack.input_size) is int and type(stack.cells[1].hidden_size) is int
     assert type(stack.dropout) is float
-    stackrnn.GRU(3, [np.int64(4), 5], num_layers=2, key=KEY)
-    stackrnn.LayerNormGRUCell(3, 4, eps=np.float32(1e-3), key=KEY)
+    shape_of(lambda: stackrnn.GRU(3, [np.int64(4), 5], num_layers=2, key=KEY))
+    shape_of(lambda: stackrnn.LayerNormGRUCell(3, 4, eps=np.float32(1e-3), key=KEY))
     stackrnn.NormalInit(np.float32(0.1))
     stackrnn.OrthogonalInit(gain=np.float64(2.0))
     with _raises(ValueError, "`dropout`", "number in [0, 1)", "True"):
-        stackrnn.GRU(3, 4, num_layers=2, dropout=np.bool_(True), key=KEY)
+        shape_of(
+            lambda: stackrnn.GRU(3, 4, num_layers=2, dropout=np.bool_(True), key=KEY)
+        )
 
 
 @pytest.mark.parametrize(
@@ -310,7 +323,7 @@ def test_bad_key(make):
     for key, got in [(None, "got None"), (0, "got 0"), (jr.split(KEY), "(2,)")]:
         with _raises(TypeError, "`key`", "JAX PRNG key", got):
             make(key)
-    make(jr.PRNGKey(0))  # the legacy form is a key too
+    shape_of(make, jr.PRNGKey(0))  # the legacy form is a key too
 
 
 def test_sizes_that_cannot_fit_are_refused_before_allocating(monkeypatch):
@@ -325,4 +338,4 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(monkeypatch):
     monkeypatch.setattr(stackrnn._gates, "device_memory", lambda: 2**20)
     with _raises(MemoryError, "`hidden_size` (=512)", "more than the 0.0 GiB"):
         stackrnn.GRUCell(512, 512, key=KEY)
-    stackrnn.GRUCell(64, 64, key=KEY)
+    shape_of(stackrnn.GRUCell, 64, 64, key=KEY)

@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import stackrnn
 import stackrnn.lm
@@ -22,35 +22,48 @@ def model():
     return stackrnn.lm.RNNLM(rnn, len(VOCAB), key=k2)
 
 
+# Prefixes of 3 characters and 8 new ones: every text the reference reads fits in
+# TEXT_LENGTH tokens.
+PREFIX, NUM = 3, 8
+TEXT_LENGTH = PREFIX + NUM
+
+
 @eqx.filter_jit
-def last_logits(model, tokens):
-    return model(tokens)[0][-1]
+def logits_at(model, tokens, position):
+    return model(tokens)[0][position]
 
 
 def rerun_prefix(model, prefix, num, temperature, key):
-    """The slow reference: re-read the whole text so far for every new character."""
-    text = prefix
+    """The slow reference: re-read the whole text so far for every new character.
+    The text is padded to one length, so that this compiles once: the model reads
+    left to right, so what follows a position cannot change its logits."""
+    tokens = list(VOCAB.encode(prefix))
     for i in range(num):
-        logits = last_logits(model, jnp.asarray(VOCAB.encode(text)))
+        padded = jnp.zeros(TEXT_LENGTH, jnp.int32).at[: len(tokens)].set(tokens)
+        logits = logits_at(model, padded, len(tokens) - 1)
         if temperature == 0:
             token = int(jnp.argmax(logits))
         else:
             sub = jax.random.fold_in(key, i)
             token = int(jax.random.categorical(sub, logits / temperature))
-        text += VOCAB.tokens[token]
-    return text
+        tokens.append(token)
+    return prefix + "".join(VOCAB.tokens[t] for t in tokens[len(prefix) :])
 
 
-@settings(max_examples=4)
 @given(
-    prefix=st.text(alphabet="abcdefgh ", min_size=1, max_size=5).filter(str.strip),
-    temperature=st.sampled_from([0.0, 0.7, 1.0]),
+    # Preprocessing keeps letters and single spaces, so these stay 3 tokens long.
+    prefix=st.text(alphabet="abcdefgh ", min_size=PREFIX, max_size=PREFIX).filter(
+        lambda s: s.strip() and "  " not in s
+    ),
+    temperature=st.sampled_from([0.0, 0.7]),
     seed=st.integers(0, 100),
 )
 def test_streaming_equals_rerunning_the_prefix(model, prefix, temperature, seed):
     key = jax.random.key(seed)
-    expected = rerun_prefix(model, prefix, 8, temperature, key)
-    got = stackrnn.lm.predict(model, VOCAB, prefix, 8, temperature=temperature, key=key)
+    expected = rerun_prefix(model, prefix, NUM, temperature, key)
+    got = stackrnn.lm.predict(
+        model, VOCAB, prefix, NUM, temperature=temperature, key=key
+    )
     assert got == expected
 
 
@@ -67,7 +80,7 @@ def test_predict_is_prefix_plus_predictions(model):
 def test_sampling_is_deterministic_for_a_key(model):
     def sample(seed):
         return stackrnn.lm.predict(
-            model, VOCAB, "abc", 30, temperature=1.0, key=jax.random.key(seed)
+            model, VOCAB, "abc", 30, temperature=0.7, key=jax.random.key(seed)
         )
 
     assert sample(1) == sample(1)

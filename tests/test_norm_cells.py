@@ -9,6 +9,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
+from jax.tree_util import Partial
 
 import stackrnn
 from stackrnn._fast import supports
@@ -16,9 +17,8 @@ from stackrnn.testing import check_layer_wiring, check_step_matches_scan
 
 from .helpers import (
     assert_derivatives_match,
-    Config,
-    inputs,
-    make_cells,
+    make_cell,
+    seeds,
     stack_of,
     tree_equal,
     x64,
@@ -28,14 +28,23 @@ from .helpers import (
 KEY = jr.key(0)
 
 
-def _randomised(cell, seed):
-    """`cell` with every array, gains and shifts included, redrawn from N(0, 1), so
-    that no parameter is left at a value (1, 0) that would hide its misuse."""
-    arrays, rest = eqx.partition(cell, eqx.is_array)
-    leaves, treedef = jax.tree.flatten(arrays)
-    keys = jr.split(jr.key(seed), len(leaves))
-    leaves = [jr.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-    return eqx.combine(jax.tree.unflatten(treedef, leaves), rest)
+def _randomised(cell, rng):
+    """`cell` (or its shapes, as `eqx.filter_eval_shape` gives them) with every
+    array, gains and shifts included, drawn from N(0, 1), so that no parameter is
+    left at a value (1, 0) that would hide its misuse. NumPy draws them: it compiles
+    nothing, where JAX's generators compile a program for every new shape."""
+
+    def draw(x):
+        if not isinstance(x, jax.ShapeDtypeStruct | jax.Array):
+            return x
+        return jax.device_put(rng.standard_normal(x.shape).astype(x.dtype))
+
+    return jax.tree.map(draw, cell)
+
+
+def _cell(make, rng, *args, **kwargs):
+    """`make(*args, **kwargs)`, a cell, with `_randomised` parameters."""
+    return _randomised(eqx.filter_eval_shape(make, *args, key=KEY, **kwargs), rng)
 
 
 def _np(x):
@@ -81,46 +90,41 @@ def _lstm_reference(cell, xs, state, eps):
     return np.stack(hs), (h, c)
 
 
-@given(
-    lstm=st.booleans(),
-    input_size=st.integers(1, 4),
-    hidden_size=st.integers(2, 5),
-    time=st.integers(1, 4),
-    bias=st.booleans(),
-    project=st.booleans(),
-    eps=st.sampled_from([1e-5, 0.5]),
-    seed=st.integers(0, 2**16),
+# Each cell with and without shifts, each `eps` with each cell (0.5 is large enough
+# to show where it enters); every example checks all four, at shapes fixed so that
+# the examples after the first reuse their compiled programs.
+NORMALISED = (
+    (stackrnn.LayerNormGRUCell, dict(bias=True, eps=0.5)),
+    (stackrnn.LayerNormGRUCell, dict(bias=False, eps=1e-5)),
+    (stackrnn.LayerNormLSTMCell, dict(proj_size=2, bias=True, eps=1e-5)),
+    (stackrnn.LayerNormLSTMCell, dict(bias=False, eps=0.5)),
 )
-def test_matches_a_numpy_reference(
-    lstm, input_size, hidden_size, time, bias, project, eps, seed
-):
+
+
+@eqx.filter_jit
+def _run_fast(cell, xs, state):
+    return stack_of([cell], fast=True)(xs, state)
+
+
+@given(seed=seeds)
+def test_matches_a_numpy_reference(seed):
     """Gains, shifts and weights all random, the initial state too; the stack runs
     with `fast=True`, which these cells must decline."""
     with x64(True):
-        kc, kx, ks = jr.split(jr.key(seed), 3)
-        if lstm:
-            proj_size = hidden_size // 2 if project else 0
-            cell = stackrnn.LayerNormLSTMCell(
-                input_size, hidden_size, proj_size=proj_size, bias=bias, eps=eps, key=kc
-            )
-        else:
-            cell = stackrnn.LayerNormGRUCell(
-                input_size, hidden_size, bias=bias, eps=eps, key=kc
-            )
-        cell = _randomised(cell, seed)
-        xs = jr.normal(kx, (time, input_size))
-        state = jax.tree.map(
-            lambda s: jr.normal(ks, s.shape, s.dtype), cell.init_state()
-        )
-        ys, final = stack_of([cell], fast=True)(
-            xs, jax.tree.map(lambda s: s[None], state)
-        )
-        reference = _lstm_reference if lstm else _gru_reference
-        want_ys, want_final = reference(cell, xs, jax.tree.map(_np, state), eps)
-        assert ys.dtype == jnp.float64
-        np.testing.assert_allclose(ys, want_ys, rtol=1e-12, atol=1e-12)
-        for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(want_final)):
-            np.testing.assert_allclose(got[0], want, rtol=1e-12, atol=1e-12)
+        for i, (make, kwargs) in enumerate(NORMALISED):
+            rng = np.random.default_rng((seed, i))
+            cell = _cell(make, rng, 3, 4, **kwargs)
+            xs = jax.device_put(rng.standard_normal((4, 3)))
+            state = _randomised(jax.eval_shape(cell.init_state), rng)
+            ys, final = _run_fast(cell, xs, jax.tree.map(lambda s: s[None], state))
+            lstm = make is stackrnn.LayerNormLSTMCell
+            reference = _lstm_reference if lstm else _gru_reference
+            state = jax.tree.map(_np, state)
+            want_ys, want_final = reference(cell, xs, state, kwargs["eps"])
+            assert ys.dtype == jnp.float64
+            np.testing.assert_allclose(ys, want_ys, rtol=1e-12, atol=1e-12)
+            for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(want_final)):
+                np.testing.assert_allclose(got[0], want, rtol=1e-12, atol=1e-12)
 
 
 def _ln_formula(a, norm):
@@ -152,65 +156,87 @@ def _lstm_ln_formula(cell, gates_x, gates_h, state):
     return o * jnp.tanh(_ln_formula(c, cell.norm_c)), c
 
 
-@given(lstm=st.booleans(), hidden_size=st.integers(2, 4), seed=st.integers(0, 2**16))
-def test_step_derivatives_match_the_formula(lstm, hidden_size, seed):
+@eqx.filter_jit
+def _pointwise(cell, gates_x, gates_h, state):
+    return cell.pointwise(gates_x, gates_h, state)
+
+
+_FORMULAS = {
+    stackrnn.LayerNormGRUCell: eqx.filter_jit(_gru_ln_formula),
+    stackrnn.LayerNormLSTMCell: eqx.filter_jit(_lstm_ln_formula),
+}
+
+
+@pytest.mark.parametrize("make", list(_FORMULAS), ids=["gru_ln", "lstm_ln"])
+@given(seed=seeds)
+def test_step_derivatives_match_the_formula(make, seed):
     """A step's hand-written derivatives (the GRU update; the LSTM's sigmoids and
     tanhs) give autodiff's numbers for the equations above in forward mode, reverse
-    mode and at second order, gains and shifts random."""
+    mode and at second order, gains and shifts random. One width, functions jitted:
+    the examples after the first reuse the programs compiled for it."""
     with x64(True):
-        make = stackrnn.LayerNormLSTMCell if lstm else stackrnn.LayerNormGRUCell
-        cell = _randomised(make(1, hidden_size, key=jr.key(0)), seed)
-        k1, k2, k3, k4 = jr.split(jr.key(seed), 4)
-        gates = cell.weight_ih.shape[0]
-        state = jax.tree.map(lambda s: jr.normal(k3, s.shape), cell.init_state())
-        primals = (jr.normal(k1, (gates,)), jr.normal(k2, (gates,)), state)
-        formula = _lstm_ln_formula if lstm else _gru_ln_formula
+        rng = np.random.default_rng(seed)
+        cell = _cell(make, rng, 1, 3)
+        gates = jax.ShapeDtypeStruct(cell.weight_ih.shape[:1], jnp.float64)
+        state = jax.eval_shape(cell.init_state)
+        primals = _randomised((gates, gates, state), rng)
         assert_derivatives_match(
-            cell.pointwise, lambda *args: formula(cell, *args), primals, k4
+            Partial(_pointwise, cell),
+            Partial(_FORMULAS[make], cell),
+            primals,
+            jr.key(seed),
         )
+
+
+@eqx.filter_jit
+def _scaled_outputs(cell, xs, scale_ih, scale_hh):
+    """The outputs of a stack of `cell` with `weight_ih` and `weight_hh` scaled."""
+    cell = eqx.tree_at(
+        lambda c: (c.weight_ih, c.weight_hh),
+        cell,
+        (scale_ih * cell.weight_ih, scale_hh * cell.weight_hh),
+    )
+    return stack_of([cell])(xs)[0]
 
 
 @given(
-    lstm=st.booleans(),
     scale_ih=st.floats(1e-2, 1e2),
     scale_hh=st.floats(1e-2, 1e2),
-    seed=st.integers(0, 2**16),
+    seed=seeds,
 )
-def test_invariant_to_the_scale_of_the_weights(lstm, scale_ih, scale_hh, seed):
+def test_invariant_to_the_scale_of_the_weights(scale_ih, scale_hh, seed):
     """LN(c W x) = LN(W x) for c > 0 (up to `eps`, here negligible): the outputs do
     not depend on the scale of `weight_ih` or `weight_hh`."""
     with x64(True):
-        kc, kx = jr.split(jr.key(seed))
-        make = stackrnn.LayerNormLSTMCell if lstm else stackrnn.LayerNormGRUCell
-        cell = _randomised(make(3, 4, eps=1e-30, key=kc), seed)
-        scaled = eqx.tree_at(
-            lambda c: (c.weight_ih, c.weight_hh),
-            cell,
-            (scale_ih * cell.weight_ih, scale_hh * cell.weight_hh),
-        )
-        xs = jr.normal(kx, (5, 3))
-        ys, _ = stack_of([cell])(xs)
-        ys_scaled, _ = stack_of([scaled])(xs)
-        np.testing.assert_allclose(ys_scaled, ys, rtol=1e-9, atol=1e-12)
+        rng = np.random.default_rng(seed)
+        one, scales = np.float64(1), (np.float64(scale_ih), np.float64(scale_hh))
+        for make in (stackrnn.LayerNormGRUCell, stackrnn.LayerNormLSTMCell):
+            cell = _cell(make, rng, 3, 4, eps=1e-30)
+            xs = jax.device_put(rng.standard_normal((5, 3)))
+            ys = _scaled_outputs(cell, xs, one, one)
+            ys_scaled = _scaled_outputs(cell, xs, *scales)
+            np.testing.assert_allclose(ys_scaled, ys, rtol=1e-9, atol=1e-12)
 
 
 def test_unnormalised_cells_are_not_scale_invariant():
     """The property above is a property of the normalisation: a GRU fails it."""
-    cell = stackrnn.GRUCell(3, 4, key=KEY)
-    scaled = eqx.tree_at(lambda c: c.weight_ih, cell, 10 * cell.weight_ih)
-    xs = jr.normal(KEY, (5, 3))
-    ys, _ = stack_of([cell])(xs)
-    ys_scaled, _ = stack_of([scaled])(xs)
-    assert not np.allclose(ys, ys_scaled, atol=1e-3)
+    rng = np.random.default_rng(0)
+    cell = _cell(stackrnn.GRUCell, rng, 3, 4)
+    xs = jax.device_put(rng.standard_normal((5, 3)).astype(np.float32))
+    one, ten = np.float32(1), np.float32(10)
+    ys = _scaled_outputs(cell, xs, one, one)
+    assert not np.allclose(ys, _scaled_outputs(cell, xs, ten, one), atol=1e-3)
 
 
-@pytest.mark.parametrize("proj_size", [0, 2])
-def test_take_the_reference_path_even_when_fast(proj_size, monkeypatch):
+def test_take_the_reference_path_even_when_fast(monkeypatch):
     """Their gains and shifts are parameters the fast path does not handle: `fast=True`
-    runs them on the reference path, values and gradients as with `fast=False`."""
+    runs them on the reference path, the same program (so the same values and
+    gradients) as with `fast=False`."""
+    rng = np.random.default_rng(0)
     cells = [
-        stackrnn.LayerNormGRUCell(3, 4, key=KEY),
-        stackrnn.LayerNormLSTMCell(3, 4, proj_size=proj_size, key=KEY),
+        _cell(stackrnn.LayerNormGRUCell, rng, 3, 4),
+        _cell(stackrnn.LayerNormLSTMCell, rng, 4, 4),
+        _cell(stackrnn.LayerNormLSTMCell, rng, 4, 4, proj_size=2),
     ]
     assert not any(supports(c) for c in cells)
 
@@ -218,22 +244,21 @@ def test_take_the_reference_path_even_when_fast(proj_size, monkeypatch):
         raise AssertionError("the fast path ran")
 
     monkeypatch.setattr("stackrnn._layer.scan_fast", no_fast_path)
-    xs = jr.normal(KEY, (6, 3))
-    for cell in cells:
+    xs = jax.device_put(rng.standard_normal((6, 3)).astype(np.float32))
 
-        def loss(stack):
-            ys, _ = stack(xs)
-            return jnp.sum(ys**2)
+    def loss(stack):
+        ys, _ = stack(xs)
+        return jnp.sum(ys**2)
 
-        value, grads = eqx.filter_value_and_grad(loss)(stack_of([cell], fast=True))
-        want_value, want_grads = eqx.filter_value_and_grad(loss)(
-            stack_of([cell], fast=False)
-        )
-        assert tree_equal((value, grads.cells), (want_value, want_grads.cells))
-        # The gains and shifts are trained: their gradients are not zero.
-        for norm in (grads.cells[0].norm_ih, grads.cells[0].norm_hh):
-            assert float(jnp.abs(norm.weight).sum()) > 0
-            assert float(jnp.abs(norm.bias).sum()) > 0
+    value_and_grad = eqx.filter_value_and_grad(loss)
+    fast, reference = stack_of(cells, fast=True), stack_of(cells, fast=False)
+    jaxpr = eqx.filter_make_jaxpr(value_and_grad)
+    assert str(jaxpr(fast)[0]) == str(jaxpr(reference)[0])
+    # The gains and shifts are trained: their gradients are not zero.
+    _, grads = eqx.filter_jit(value_and_grad)(fast)
+    for cell in grads.cells:
+        for norm in (cell.norm_ih, cell.norm_hh):
+            assert np.abs(norm.weight).sum() > 0 and np.abs(norm.bias).sum() > 0
 
 
 def test_same_weights_as_the_plain_cells_for_a_key():
@@ -277,18 +302,19 @@ def test_forget_bias_sets_the_forget_block_of_the_input_shift():
 
 
 def test_low_precision_parameters_and_state():
-    for cell in (
-        stackrnn.LayerNormGRUCell(3, 4, dtype=jnp.bfloat16, key=KEY),
-        stackrnn.LayerNormLSTMCell(3, 4, dtype=jnp.bfloat16, key=KEY),
-    ):
+    rng = np.random.default_rng(0)
+    for make in (stackrnn.LayerNormGRUCell, stackrnn.LayerNormLSTMCell):
+        cell = _cell(make, rng, 3, 4, dtype=jnp.bfloat16)
         assert {x.dtype for x in jax.tree.leaves(cell)} == {jnp.dtype(jnp.bfloat16)}
-        ys, final = stack_of([cell])(jnp.ones((5, 3), jnp.bfloat16))
+        ys, final = stack_of([cell])(np.ones((5, 3), jnp.bfloat16))
         assert ys.dtype == jnp.bfloat16
         assert {x.dtype for x in jax.tree.leaves(final)} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_constructors_build_layer_normalised_stacks():
-    gru = stackrnn.GRU(3, [4, 5, 6], num_layers=3, layer_norm=True, key=KEY)
+    # Where only types and shapes are read, traced, not drawn.
+    shape_of = eqx.filter_eval_shape
+    gru = shape_of(stackrnn.GRU, 3, [4, 5, 6], num_layers=3, layer_norm=True, key=KEY)
     assert all(type(c) is stackrnn.LayerNormGRUCell for c in gru.cells)
     lstm = stackrnn.LSTM(
         3,
@@ -305,20 +331,22 @@ def test_constructors_build_layer_normalised_stacks():
         assert cell.proj_size == 2
         np.testing.assert_array_equal(cell.norm_ih.bias[4:8], np.ones(4))
     assert lstm.cells[1].input_size == 4
-    ys, (h, c) = lstm(jnp.ones((5, 3)))
+    ys, (h, c) = jax.eval_shape(lstm, np.ones((5, 3), np.float32))
     assert ys.shape == (5, 4) and h.shape == (4, 2) and c.shape == (4, 4)
     # Off by default: the plain cells.
-    assert type(stackrnn.GRU(3, 4, key=KEY).cells[0]) is stackrnn.GRUCell
-    assert type(stackrnn.LSTM(3, 4, key=KEY).cells[0]) is stackrnn.LSTMCell
+    assert type(shape_of(stackrnn.GRU, 3, 4, key=KEY).cells[0]) is stackrnn.GRUCell
+    assert type(shape_of(stackrnn.LSTM, 3, 4, key=KEY).cells[0]) is stackrnn.LSTMCell
 
 
 @pytest.mark.parametrize("kind", ["gru_ln", "lstm_ln"])
 def test_deep_stacks_wire_and_stream_like_the_others(kind):
     """The generic stack properties, on a three-layer stack of each cell (the
-    strategies draw these kinds too, among the others)."""
-    cfg = Config(kind=kind, input_size=3, widths=(4, 5, 4), bias=True, time=5)
-    kc, kx = jr.split(KEY)
-    stack = stack_of(make_cells(cfg, kc))
-    xs = inputs(cfg, kx)
+    strategies draw these kinds too, among the others). Every layer as wide as the
+    input: a stack that fed the input to a layer above the first would run, and
+    differ."""
+    rng = np.random.default_rng(0)
+    shapes = [eqx.filter_eval_shape(make_cell, kind, 4, 4, key=KEY) for _ in range(3)]
+    stack = stack_of([_randomised(cell, rng) for cell in shapes])
+    xs = jax.device_put(rng.standard_normal((5, 4)).astype(np.float32))
     check_layer_wiring(stack, xs)
     check_step_matches_scan(stack, xs)

@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from .data.save_models import load_run, models, outputs
+from stackrnn.lm import SavedRun
+
+from .data.save_models import load_run, models, outputs, RUNS
 from .helpers import tree_equal
 
 
@@ -36,7 +38,11 @@ def test_saved_one_liner_models_load(name):
     _assert_outputs(name, outputs(name, loaded))
 
 
-def test_saved_time_machine_run_loads():
-    _assert_outputs(
-        "time-machine-run", outputs("lm", load_run(DATA / "time-machine-run"))
-    )
+@pytest.mark.parametrize("name", RUNS)
+def test_saved_runs_load(name):
+    _assert_outputs(name, outputs("lm", load_run(DATA / name)))
+
+
+def test_saved_rnn_run_keeps_the_old_cell_name():
+    # What makes `rnn-run` the test of the old spelling.
+    assert SavedRun.read(DATA / "rnn-run").hyperparameters["cell"] == "rnn"

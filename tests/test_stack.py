@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import stackrnn
 from stackrnn._dropout import dropout
@@ -13,106 +13,85 @@ from stackrnn.testing import (
     check_jit_consistent,
     check_vmap_consistent,
     Config,
-    configs,
     inputs,
     make_cells,
 )
 
-from .helpers import stack_of, tree_allclose, tree_equal
+from .helpers import (
+    by_hand,
+    call,
+    random_state,
+    seeds,
+    stack_by_hand,
+    stack_of,
+    TOL32,
+    tree_allclose,
+    tree_equal,
+)
 
 
-def _scan_by_hand(cell, xs, state):
-    def step(s, x):
-        s = cell(x, s)
-        return s, cell.output(s)
-
-    final, ys = jax.lax.scan(step, state, xs)
-    return ys, final
-
-
-def _loop_by_hand(cell, xs, state):
-    ys = []
-    for x in xs:
-        state = cell(x, state)
-        ys.append(cell.output(state))
-    return jnp.stack(ys), state
+# Fixed shapes, every cell kind, one to four layers, with and without biases: the
+# examples of one shape draw only values, and reuse its compiled programs.
+# `fast`: False for the reference path, None for the default (by width).
+SHAPES = [
+    (Config("rnn_tanh", 3, (4,), True, 5), False),
+    (Config("rnn_relu", 2, (5, 3), False, 5), None),
+    (Config("gru", 3, (4, 6, 2, 4), True, 5), None),
+    (Config("lstm", 3, (4,), False, 5), False),
+    (Config("lstm_proj", 2, (4, 6, 4), True, 5), None),
+    (Config("gru_ln", 3, (3, 3), True, 5), None),
+    (Config("lstm_ln", 2, (4,), True, 5), False),
+]
 
 
-@given(cfg=configs(max_layers=1), seed=st.integers(0, 2**16))
-def test_depth_one_equals_its_cell_bit_for_bit(cfg, seed):
+@pytest.mark.parametrize("cfg, fast", SHAPES, ids=[c.kind for c, _ in SHAPES])
+@given(seed=seeds)
+def test_stack_equals_its_cells_run_by_hand(cfg, fast, seed):
+    """Layer `l` reads layer `l - 1`'s outputs, from the given initial state, and a
+    stack of one layer is its cell stepped over the sequence: outputs and final
+    states equal the Python loops of `stack_by_hand`. Compiled scan versus one
+    unrolled loop: the same operations, equal to f32 rounding."""
     kc, kx, ks = jr.split(jr.key(seed), 3)
-    (cell,) = make_cells(cfg, kc)
-    # The reference path: the same operations as the loop by hand (the faster paths
-    # agree to rounding, tests/test_fast.py and tests/test_fused.py).
-    stack = stack_of([cell], fast=False)
+    stack = stack_of(make_cells(cfg, kc), fast=fast)
     xs = inputs(cfg, kx)
-    state0 = jax.tree.map(lambda s: jr.normal(ks, s.shape), cell.init_state())
-    ys, final = stack(xs, jax.tree.map(lambda s: s[None], state0))
-    ys_ref, final_ref = _scan_by_hand(cell, xs, state0)
-    assert tree_equal(ys, ys_ref)
-    assert tree_equal(final, jax.tree.map(lambda s: s[None], final_ref))
-
-
-@given(cfg=configs(max_layers=4), seed=st.integers(0, 2**16))
-def test_stack_feeds_each_layer_the_layer_below(cfg, seed):
-    kc, kx = jr.split(jr.key(seed))
-    cells = make_cells(cfg, kc)
-    stack = stack_of(cells)
-    xs = inputs(cfg, kx)
-    ys, final = stack(xs)
-
-    hs, finals = xs, []
-    for cell in cells:
-        hs, f = _loop_by_hand(cell, hs, cell.init_state())
-        finals.append(f)
-    # Eager op-by-op dispatch versus one compiled scan: same operations, but XLA may
-    # fuse them differently, so equality holds to f32 rounding only.
-    assert tree_allclose(ys, hs, rtol=1e-5, atol=1e-6)
-    want = stack._join(finals)
-    assert tree_allclose(final, want, rtol=1e-5, atol=1e-6)
+    state = random_state(stack, ks)
+    assert tree_allclose(call(stack, xs, state), by_hand(stack, xs, state), **TOL32)
 
 
 def test_miswired_stack_is_caught(getkey):
     """d2l's JAX `GRU(num_layers)` feeds the raw input to every layer but the last.
     For a stack of three, that wiring gives other numbers than ours: the by-hand
-    reference above would catch it."""
-    cells = [
-        stackrnn.GRUCell(4, 4, key=getkey()),
-        stackrnn.GRUCell(4, 4, key=getkey()),
-        stackrnn.GRUCell(4, 4, key=getkey()),
-    ]
+    reference catches it."""
+    cells = [stackrnn.GRUCell(4, 4, key=getkey()) for _ in range(3)]
     xs = jr.normal(getkey(), (5, 4))
     ys, _ = stack_of(cells)(xs)
-    hs = xs
-    for cell in cells[:-1]:
-        hs, _ = _loop_by_hand(cell, xs, cell.init_state())
-    miswired, _ = _loop_by_hand(cells[-1], hs, cells[-1].init_state())
-    assert not np.allclose(ys, miswired, atol=1e-3)
+    want, _ = stack_by_hand(stack_of(cells), xs)
+    assert tree_allclose(ys, want, **TOL32)
+    below, _ = stack_by_hand(stack_of(cells[1:2]), xs)
+    miswired, _ = stack_by_hand(stack_of(cells[2:]), below)
+    assert not np.allclose(want, miswired, atol=1e-3)
 
 
-@settings(max_examples=6)
-@given(
-    kind=st.sampled_from(["rnn_tanh", "rnn_relu", "gru", "lstm"]),
-    depth=st.integers(1, 8),
-    scale=st.sampled_from([1.0, 1e2, 1e3]),
-    seed=st.integers(0, 2**16),
-)
-def test_clipped_gradients_are_finite_and_bounded(kind, depth, scale, seed):
-    cfg = Config(kind=kind, input_size=3, widths=(4,) * depth, bias=True, time=5)
+def _mse(model, xs, target):
+    ys, _ = model(xs)
+    return jnp.mean((ys - target) ** 2)
+
+
+@pytest.mark.parametrize("kind", ["rnn_tanh", "rnn_relu", "gru", "lstm"])
+@given(scale=st.sampled_from([1.0, 1e2, 1e3]), seed=seeds)
+def test_clipped_gradients_are_finite_and_bounded(kind, scale, seed):
+    """Eight layers, inputs up to 1e3: no overflow in the gradients."""
+    cfg = Config(kind=kind, input_size=3, widths=(4,) * 8, bias=True, time=5)
     kc, kx, ky = jr.split(jr.key(seed), 3)
     stack = stack_of(make_cells(cfg, kc))
     xs = inputs(cfg, kx, scale=scale)
     target = jr.normal(ky, (cfg.time, stack.output_size))
-
-    def loss(model, xs):
-        ys, _ = model(xs)
-        return jnp.mean((ys - target) ** 2)
-
-    check_finite_clipped_grads(stack, loss, xs, max_norm=1.0)
+    check_finite_clipped_grads(stack, _mse, xs, target, max_norm=1.0)
 
 
-@given(cfg=configs(max_layers=3, max_time=5), seed=st.integers(0, 2**16))
-def test_jit_and_vmap_match_eager_per_example(cfg, seed):
+@pytest.mark.parametrize("cfg, fast", SHAPES[1:4], ids=["rnn_relu", "gru", "lstm"])
+@given(seed=seeds)
+def test_jit_and_vmap_match_eager_per_example(cfg, fast, seed):
     kc, kx = jr.split(jr.key(seed))
     stack = stack_of(make_cells(cfg, kc))
     xs = inputs(cfg, kx, batch=3)
@@ -120,40 +99,39 @@ def test_jit_and_vmap_match_eager_per_example(cfg, seed):
     check_jit_consistent(stack, xs[0])
 
 
-@given(cfg=configs(max_layers=3, same_width=True), seed=st.integers(0, 2**16))
-def test_dropout_off_equals_no_dropout(cfg, seed):
+# Three layers of one width, so that dropout and residual connections apply.
+DEEP = Config("gru", 3, (4, 4, 4), True, 5)
+
+
+@given(seed=seeds)
+def test_dropout_off_equals_no_dropout(seed):
     kc, kx, kd = jr.split(jr.key(seed), 3)
-    cells = make_cells(cfg, kc)
-    plain = stack_of(cells)
-    xs = inputs(cfg, kx)
-    want = plain(xs)
-    p0 = stack_of(cells, dropout=0.0)
-    assert tree_equal(p0(xs, key=kd), want)
-    if cfg.num_layers > 1:
-        half = stack_of(cells, dropout=0.5)
-        assert tree_equal(half(xs, inference=True), want)
-        assert tree_equal(eqx.nn.inference_mode(half)(xs), want)
+    cells = make_cells(DEEP, kc)
+    xs = inputs(DEEP, kx)
+    want = call(stack_of(cells), xs)
+    assert tree_equal(call(stack_of(cells, dropout=0.0), xs, key=kd), want)
+    half = stack_of(cells, dropout=0.5)
+    assert tree_equal(call(half, xs, inference=True), want)
+    assert tree_equal(call(eqx.nn.inference_mode(half), xs), want)
 
 
-@given(
-    cfg=configs(max_layers=3, max_width=8).filter(lambda c: c.num_layers > 1),
-    seed=st.integers(0, 2**16),
-)
-def test_dropout_is_keyed_and_between_layers_only(cfg, seed):
+@pytest.mark.parametrize("variational", [False, True])
+@given(seed=seeds)
+def test_dropout_is_keyed_and_between_layers_only(variational, seed):
+    """The masks drop the inputs of layers 2..L as the reference draws them from
+    the key (one mask per element, or per sequence if `variational`): the same key
+    the same outputs, another key others; never the top layer's output."""
     kc, kx, k1, k2 = jr.split(jr.key(seed), 4)
-    cells = make_cells(cfg, kc)
-    stack = stack_of(cells, dropout=0.5)
-    xs = inputs(cfg, kx)
-    ys1, f1 = stack(xs, key=k1)
-    ys1b, _ = stack(xs, key=k1)
-    ys2, _ = stack(xs, key=k2)
-    assert tree_equal(ys1, ys1b)
-    # Different keys draw different masks, so the outputs differ.
-    assert not tree_equal(ys1, ys2)
-    ys_off, _ = stack(xs, inference=True)
-    assert not tree_equal(ys1, ys_off)
+    cells = make_cells(DEEP, kc)
+    stack = stack_of(cells, dropout=0.5, variational=variational)
+    xs = inputs(DEEP, kx)
+    ys1, f1 = call(stack, xs, key=k1)
+    assert tree_allclose((ys1, f1), by_hand(stack, xs, key=k1), **TOL32)
+    assert tree_equal(call(stack, xs, key=k1), (ys1, f1))
+    assert not tree_allclose(call(stack, xs, key=k2)[0], ys1)
+    assert not tree_allclose(call(stack, xs, inference=True)[0], ys1)
     # The top layer's last output is its final state: no dropout after the last layer.
-    top_h = cells[-1].output(stack._split(f1)[-1])
+    top_h = cells[-1].output(jax.tree.map(lambda s: s[-1], f1))
     assert tree_equal(ys1[-1], top_h)
 
 
@@ -171,19 +149,19 @@ def test_dropout_mask_statistics(getkey):
 
 def test_stack_state_layout(getkey):
     gru = stackrnn.GRU(28, 32, num_layers=2, dropout=0.5, key=getkey())
-    xs = jr.normal(getkey(), (1024, 32, 28))
-    keys = jr.split(getkey(), 1024)
+    xs = jr.normal(getkey(), (4, 32, 28))
+    keys = jr.split(getkey(), 4)
     ys, state = jax.jit(jax.vmap(lambda x, k: gru(x, key=k)))(xs, keys)
-    assert ys.shape == (1024, 32, 32) and state.shape == (1024, 2, 32)
-    ys, state = gru(xs[0], key=getkey())
+    assert ys.shape == (4, 32, 32) and state.shape == (4, 2, 32)
+    ys, state = call(gru, xs[0], key=getkey())
     assert ys.shape == (32, 32) and state.shape == (2, 32)
 
     lstm = stackrnn.LSTM(3, 6, num_layers=3, proj_size=2, key=getkey())
-    ys, (h, c) = lstm(jr.normal(getkey(), (7, 3)))
+    ys, (h, c) = call(lstm, jr.normal(getkey(), (7, 3)))
     assert ys.shape == (7, 2) and h.shape == (3, 2) and c.shape == (3, 6)
 
     ragged = stackrnn.RNN(3, [6, 4], num_layers=2, key=getkey())
-    ys, state = ragged(jr.normal(getkey(), (7, 3)))
+    ys, state = call(ragged, jr.normal(getkey(), (7, 3)))
     assert ys.shape == (7, 4)
     assert isinstance(state, tuple) and [s.shape for s in state] == [(6,), (4,)]
 
@@ -251,5 +229,5 @@ def test_initial_state_is_used(kind, getkey):
     xs = inputs(cfg, getkey())
     zeros = stack.init_state()
     ones = jax.tree.map(jnp.ones_like, zeros)
-    assert tree_equal(stack(xs), stack(xs, zeros))
-    assert not tree_allclose(stack(xs)[0], stack(xs, ones)[0])
+    assert tree_equal(call(stack, xs), call(stack, xs, zeros))
+    assert not tree_allclose(call(stack, xs)[0], call(stack, xs, ones)[0])

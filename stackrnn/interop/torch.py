@@ -16,27 +16,19 @@ except ImportError as e:
 
 import re
 from collections.abc import Mapping
-from typing import get_args, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .._cells import AbstractCell, ElmanCell, GRUCell, LSTMCell
+from .._kinds import cell_class, CELL_KINDS, CellKind, check_kind, kind_of, num_gates
 from .._stack import StackedRNN
 from .._wrapped import AbstractWrappedCell
 
 
-Cell = Literal["rnn_tanh", "rnn_relu", "gru", "lstm"]
-
-_CELLS = get_args(Cell)
-_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
-_FROM_MODE: dict[str, Cell] = {
-    "RNN_TANH": "rnn_tanh",
-    "RNN_RELU": "rnn_relu",
-    "GRU": "gru",
-    "LSTM": "lstm",
-}
+# PyTorch's module for each of our cell classes; a kind's keywords suit both.
+_MODULES = {ElmanCell: torch.nn.RNN, GRUCell: torch.nn.GRU, LSTMCell: torch.nn.LSTM}
 _DTYPES = (np.float16, np.float32, np.float64)
 _LAYER_KEY = re.compile(
     r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$"
@@ -76,7 +68,7 @@ def _describe(
 def _expected_shapes(
     cell, input_size, hidden_size, num_layers, bias, proj_size, bidirectional
 ):
-    gates = _GATES[cell] * hidden_size
+    gates = num_gates(cell) * hidden_size
     out = proj_size or hidden_size
     shapes = {}
     for layer, direction in _layers(num_layers, bidirectional):
@@ -108,7 +100,7 @@ def _hidden_size(cell, arrays) -> int:
     """`weight_hh_l0`'s column count, unless the other tensors that give the width
     agree on another one: then `weight_hh_l0` is the badly shaped tensor, and the
     shape check names it alone rather than every other."""
-    gates = _GATES[cell]
+    gates = num_gates(cell)
     own = arrays["weight_hh_l0"].shape[1]
     others = []
     for name in ("weight_ih_l0", "bias_ih_l0", "bias_hh_l0", "weight_hh_l1"):
@@ -164,7 +156,7 @@ def _check_state_dict(arrays, config):
     if wrong:
         hint = ""
         rows, cols = arrays["weight_hh_l0"].shape
-        fits = [c for c in _CELLS if rows == _GATES[c] * want["weight_hh_l0"][1]]
+        fits = [c for c in CELL_KINDS if rows == num_gates(c) * want["weight_hh_l0"][1]]
         if fits and cell not in fits:
             names = " or ".join(repr(c) for c in fits)
             hint = f". `weight_hh_l0` has the shape of a {names} layer: check `cell`"
@@ -193,23 +185,24 @@ def _make_cell(cell, hidden_size, bias, proj_size, params) -> AbstractCell:
     def init(key, shape, dtype, *, role, hidden_size):
         return params[role]
 
-    args = (params["weight_ih"].shape[1], hidden_size)
-    dtype, key = params["weight_ih"].dtype, jax.random.key(0)
-    if cell == "gru":
-        return GRUCell(*args, bias=bias, init=init, dtype=dtype, key=key)
-    if cell == "lstm":
-        return LSTMCell(
-            *args, proj_size=proj_size, bias=bias, init=init, dtype=dtype, key=key
-        )
-    return ElmanCell(
-        *args, nonlinearity=cell[4:], bias=bias, init=init, dtype=dtype, key=key
+    cls, keywords = cell_class(cell)
+    if proj_size:
+        keywords["proj_size"] = proj_size
+    return cls(
+        params["weight_ih"].shape[1],
+        hidden_size,
+        bias=bias,
+        init=init,
+        dtype=params["weight_ih"].dtype,
+        key=jax.random.key(0),
+        **keywords,
     )
 
 
 def from_torch(
     module_or_state_dict: "torch.nn.RNNBase | Mapping[str, torch.Tensor]",
     *,
-    cell: Cell | None = None,
+    cell: CellKind | None = None,
     dropout: float | None = None,
 ) -> StackedRNN:
     """Builds a [`stackrnn.StackedRNN`][] holding a PyTorch RNN's weights, bit for bit.
@@ -229,9 +222,9 @@ def from_torch(
 
     - `module_or_state_dict`: a `torch.nn.RNN`, `torch.nn.GRU` or `torch.nn.LSTM`
       (`batch_first` is irrelevant to the weights), or its `state_dict()`.
-    - `cell`: the cell type, `"rnn_tanh"`, `"rnn_relu"`, `"gru"` or `"lstm"`.
-      Required for a state dict, which does not record it; checked against a
-      module's. (Keyword only argument.)
+    - `cell`: the cell kind, PyTorch's `mode` in lower case: `"rnn_tanh"`,
+      `"rnn_relu"`, `"gru"` or `"lstm"`. Required for a state dict, which does not
+      record it; checked against a module's. (Keyword only argument.)
     - `dropout`: dropout between layers; defaults to the module's `dropout`, or 0
       for a state dict. (Keyword only argument.)
 
@@ -242,10 +235,10 @@ def from_torch(
     """
     if isinstance(module_or_state_dict, torch.nn.RNNBase):
         module = module_or_state_dict
-        if module.mode not in _FROM_MODE:
+        found = module.mode.lower()
+        if found not in CELL_KINDS:
             raise TypeError(f"unsupported PyTorch RNN mode {module.mode!r}")
-        found = _FROM_MODE[module.mode]
-        if cell is not None and cell != found:
+        if cell is not None and check_kind("cell", cell) != found:
             raise ValueError(
                 f"`cell` (={cell!r}) does not match the module, a "
                 f"{type(module).__name__} of cell type {found!r}"
@@ -264,11 +257,7 @@ def from_torch(
             dropout = module.dropout
         state_dict = module.state_dict()
     elif isinstance(module_or_state_dict, Mapping):
-        if cell not in _CELLS:
-            raise ValueError(
-                f"`cell` must name the cell type of a state dict, one of {_CELLS}, "
-                f"got {cell!r}"
-            )
+        check_kind("cell", cell)
         state_dict = module_or_state_dict
         config = None
     else:
@@ -327,13 +316,8 @@ def _stack_config(stack: StackedRNN):
     configs = []
     for name, c in named:
         c = _base(c)
-        if isinstance(c, ElmanCell):
-            kind = f"rnn_{c.nonlinearity}"
-        elif isinstance(c, GRUCell):
-            kind = "gru"
-        elif isinstance(c, LSTMCell):
-            kind = "lstm"
-        else:
+        kind = kind_of(c)
+        if kind is None:
             raise TypeError(
                 f"`{name}` is a {type(c).__name__}; PyTorch has only ElmanCell, "
                 "GRUCell and LSTMCell stacks"
@@ -365,7 +349,7 @@ def _check_inference(stack: StackedRNN) -> None:
         runs = jax.eval_shape(
             lambda c=cell: c.for_sequence(xs, key=None, inference=True)[0]
         )
-        if not isinstance(runs, (ElmanCell, GRUCell, LSTMCell)):
+        if kind_of(runs) is None:
             raise ValueError(
                 f"PyTorch's RNN modules have no `{type(cell).__name__}`, which "
                 f"changes what the stack computes at inference too: `{name}` is "
@@ -429,8 +413,10 @@ def to_torch_module(stack: StackedRNN) -> "torch.nn.RNNBase":
         )
     config = _stack_config(stack)
     state_dict = to_torch(stack)
-    cell = config["cell"]
-    kwargs = dict(
+    cls, keywords = cell_class(config["cell"])
+    if config["proj_size"]:
+        keywords["proj_size"] = config["proj_size"]
+    module = _MODULES[cls](
         input_size=stack.input_size,
         hidden_size=config["hidden_size"],
         num_layers=stack.num_layers,
@@ -438,12 +424,7 @@ def to_torch_module(stack: StackedRNN) -> "torch.nn.RNNBase":
         dropout=stack.dropout,
         bidirectional=config["bidirectional"],
         dtype=state_dict["weight_ih_l0"].dtype,
+        **keywords,
     )
-    if cell == "gru":
-        module = torch.nn.GRU(**kwargs)
-    elif cell == "lstm":
-        module = torch.nn.LSTM(proj_size=config["proj_size"], **kwargs)
-    else:
-        module = torch.nn.RNN(nonlinearity=cell[4:], **kwargs)
     module.load_state_dict(state_dict)
     return module

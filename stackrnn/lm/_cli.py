@@ -12,8 +12,10 @@ import warnings
 import equinox as eqx
 import jax
 
+from .._cells import ElmanCell, GRUCell, LSTMCell
 from .._constructors import GRU, LSTM, RNN
 from .._init import NormalInit, OrthogonalInit, PyTorchInit
+from .._kinds import cell_class, CELL_KINDS, LAYER_NORM_KINDS
 from ._data import CharData, preprocess, UNK
 from ._generate import generate
 from ._lm import RNNLM
@@ -22,8 +24,8 @@ from ._train import default_optimizer, fit, plot_history
 
 
 # The seed's run (d2l, chapter "Deep Recurrent Neural Networks"). `init` is None:
-# d2l's normal(0.01) for `--cell rnn` (StackedRNNScratch), PyTorch's otherwise; `lr`
-# is None: the seed's 2 for SGD, Adam's usual 0.001 for Adam.
+# d2l's normal(0.01) for Elman cells (`--cell rnn_tanh` is StackedRNNScratch),
+# PyTorch's otherwise; `lr` is None: the seed's 2 for SGD, Adam's usual 0.001 for Adam.
 # Options added after the first checkpoint format, with the values that reproduce
 # what runs saved before them did.
 _ADDED = dict(
@@ -59,6 +61,8 @@ _LEARNING_RATES = dict(sgd=2.0, adam=0.001)
 _INITS = dict(
     pytorch=PyTorchInit(), normal=NormalInit(0.01), orthogonal=OrthogonalInit()
 )
+# The one-liner that builds a stack of each kind's cell class.
+_ONE_LINERS = {ElmanCell: RNN, GRUCell: GRU, LSTMCell: LSTM}
 _CURVES = "curves.png"
 # How `generate` prints `<unk>`: preprocessed text has no "?" of its own.
 _UNKNOWN = "?"
@@ -96,6 +100,12 @@ def _number(minimum=None, *, inclusive=True, below=None):
         return value
 
     return parse
+
+
+def _cell(text):
+    """`--cell`'s value: `rnn`, the Elman tanh cell's name before the kinds were
+    PyTorch's, is `rnn_tanh`, so that old command lines and saved runs still work."""
+    return "rnn_tanh" if text == "rnn" else text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -161,14 +171,19 @@ def _add_train_flags(train: argparse.ArgumentParser) -> dict[str, argparse.Actio
     add("--data", metavar="FILE", help="a UTF-8 text file (default: The Time Machine)")
     add("--out", metavar="DIR", default="stackrnn-run", help="output (stackrnn-run)")
     add("--resume", action="store_true", default=False, help="continue --out's run")
-    add("--cell", choices=("rnn", "gru", "lstm"), help="recurrent cell (gru)")
+    add(
+        "--cell",
+        type=_cell,
+        choices=CELL_KINDS,
+        help="recurrent cell; rnn means rnn_tanh (gru)",
+    )
     add("--layers", type=_count(1), help="number of stacked layers (2)")
     add("--hidden", type=_count(1), help="hidden units per layer (32)")
     add(
         "--init",
         choices=tuple(_INITS),
         help="parameter init: PyTorch's uniform, d2l's normal(0.01), or PyTorch's "
-        "with orthogonal recurrent weights (default: normal for rnn, pytorch "
+        "with orthogonal recurrent weights (default: normal for rnn_*, pytorch "
         "otherwise)",
     )
     add("--embedding", type=_count(0), help="embedding size; 0 for one-hot (0)")
@@ -221,14 +236,13 @@ def _add_train_flags(train: argparse.ArgumentParser) -> dict[str, argparse.Actio
 
 def _build_model(hp: dict, vocab_size: int, key) -> RNNLM:
     init = _INITS[hp["init"]]
-    options = {}
-    if hp["cell"] != "rnn":
+    cell, options = cell_class(hp["cell"])
+    if hp["cell"] in LAYER_NORM_KINDS:
         options["layer_norm"] = hp["layer_norm"]
     if hp["cell"] == "lstm":
         options["forget_bias"] = hp["forget_bias"]
-    make = {"rnn": RNN, "gru": GRU, "lstm": LSTM}[hp["cell"]]
     rnn_key, lm_key = jax.random.split(key)
-    rnn = make(
+    rnn = _ONE_LINERS[cell](
         hp["embedding"] or vocab_size,
         hp["hidden"],
         hp["layers"],
@@ -257,6 +271,7 @@ def _saved_hyperparameters(saved: SavedRun) -> dict:
             f"{record!r} lacks the hyper-parameters {missing}: it was not written by "
             "`stackrnn train`"
         )
+    hp["cell"] = _cell(hp["cell"])
     flags = _add_train_flags(argparse.ArgumentParser())
     for name in DEFAULTS:
         value, flag = hp[name], flags[name]
@@ -358,11 +373,13 @@ def _train(args: dict) -> None:
             )
         hp = {**DEFAULTS, "data": None, **args}
         if hp["init"] is None:
-            hp["init"] = "normal" if hp["cell"] == "rnn" else "pytorch"
+            elman = cell_class(hp["cell"])[0] is ElmanCell
+            hp["init"] = "normal" if elman else "pytorch"
         if hp["lr"] is None:
             hp["lr"] = _LEARNING_RATES[hp["optimizer"]]
-        if hp["layer_norm"] and hp["cell"] == "rnn":
-            raise ValueError("`--layer-norm` needs `--cell gru` or `--cell lstm`")
+        if hp["layer_norm"] and hp["cell"] not in LAYER_NORM_KINDS:
+            kinds = " or ".join(f"`--cell {kind}`" for kind in LAYER_NORM_KINDS)
+            raise ValueError(f"`--layer-norm` needs {kinds}")
         if hp["forget_bias"] is not None and hp["cell"] != "lstm":
             raise ValueError("`--forget-bias` needs `--cell lstm`")
         vocab, history = None, None

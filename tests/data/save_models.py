@@ -1,11 +1,11 @@
 """Writes the saved models that `tests/test_saved.py` loads: one-liner stacks and a
 language model serialised with `eqx.tree_serialise_leaves`, their outputs (at
 inference, and in training from a fixed key, so the regularisers' masks are pinned),
-and a tiny `stackrnn train` run on The Time Machine with its model's outputs.
+and tiny `stackrnn train` runs on The Time Machine with their models' outputs.
 
 Run once, on the code whose files must keep loading, from the repository root:
 
-    STACKRNN_DATA=timemachine.txt python tests/data/save_models.py
+    python tests/data/save_models.py
 """
 
 import pathlib
@@ -19,11 +19,21 @@ import numpy as np
 import stackrnn
 import stackrnn.lm
 from stackrnn.lm import SavedRun
-from stackrnn.lm._cli import _new_state, DEFAULTS, main
+from stackrnn.lm._cli import _new_state, _saved_hyperparameters, main
 
 
 HERE = pathlib.Path(__file__).parent
 KEY = jax.random.key(0)
+_TINY = ["--hidden", "8", "--num-steps", "8", "--num-train", "64", "--num-val", "32"]
+_TINY += ["--batch-size", "32", "--epochs", "1", "--quiet"]
+# The `stackrnn train` runs, by directory: their flags.
+RUNS = {
+    "time-machine-run": ["--cell", "lstm", "--dropout", "0.1", "--zoneout", "0.1"]
+    + ["--weight-drop", "0.2", "--recurrent-dropout", "0.1", *_TINY],
+    # Saved when `rnn` was the only spelling of the Elman tanh cell: its
+    # checkpoint.json says `"cell": "rnn"`, which runs saved then keep.
+    "rnn-run": ["--cell", "rnn", *_TINY],
+}
 
 
 def models():
@@ -75,23 +85,23 @@ def outputs(name, model):
 def load_run(run):
     """The language model of the `stackrnn train` run saved in `run`."""
     saved = SavedRun.read(run)
-    hp = {**DEFAULTS, **saved.hyperparameters}
+    hp = _saved_hyperparameters(saved)
     model, _, opt_state = _new_state(hp, len(saved.vocab), jax.random.key(0))
     return saved.load((model, opt_state))[0]
+
+
+def save_run(name):
+    """Trains run `name` of `RUNS` into its directory, and saves its outputs."""
+    run = HERE / name
+    shutil.rmtree(run, ignore_errors=True)
+    main(["train", "--out", str(run), *RUNS[name]])
+    (run / "curves.png").unlink()
+    np.savez(HERE / f"{name}.npz", **outputs("lm", load_run(run)))
 
 
 if __name__ == "__main__":
     for name, model in models().items():
         eqx.tree_serialise_leaves(HERE / f"{name}.eqx", model)
         np.savez(HERE / f"{name}.npz", **outputs(name, model))
-    run = HERE / "time-machine-run"
-    shutil.rmtree(run, ignore_errors=True)
-    main(
-        ["train", "--out", str(run), "--cell", "lstm", "--hidden", "8"]
-        + ["--dropout", "0.1", "--zoneout", "0.1", "--weight-drop", "0.2"]
-        + ["--recurrent-dropout", "0.1", "--num-steps", "8", "--num-train", "64"]
-        + ["--num-val", "32", "--batch-size", "32", "--epochs", "1", "--quiet"]
-    )
-    (run / "curves.png").unlink()
-    model = load_run(run)
-    np.savez(HERE / "time-machine-run.npz", **outputs("lstm_lm", model))
+    for name in RUNS:
+        save_run(name)
