@@ -28,6 +28,7 @@ def _assert_outputs(name, got):
         np.testing.assert_allclose(got[out], want[out], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.bit_exact
 @pytest.mark.parametrize("name", ["gru", "lstm_lm", "rnn_bidirectional"])
 def test_saved_one_liner_models_load(name):
     built = models()[name]
