@@ -157,6 +157,7 @@ def test_forget_bias_in_every_cell_of_a_stack():
             np.testing.assert_allclose(q.T @ q, np.eye(h), atol=1e-5)
 
 
+@pytest.mark.bit_exact
 @pytest.mark.parametrize(
     "dtype, piece",
     [(dtype, 16) for dtype in DTYPES] + [("float32", None), ("bfloat16", None)],

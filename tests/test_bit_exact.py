@@ -1,0 +1,38 @@
+"""The tests marked `bit_exact` compare with bits saved by programs compiled at
+XLA's default optimisation, what users run. The suite compiles without LLVM's
+optimisations (`conftest.py`), which rounds some float products differently, so
+they run here, in a pytest process of their own at the default level."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bit_exact_at_xlas_default_optimisation():
+    here = pathlib.Path(__file__)
+    files = [
+        f.name
+        for f in sorted(here.parent.glob("test_*.py"))
+        if f != here and "@pytest.mark.bit_exact" in f.read_text()
+    ]
+    assert files, "no test is marked `bit_exact`"
+    # The flag that conftest.py set for this process, which children inherit, goes.
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags = [f for f in flags if not f.startswith("--xla_backend_optimization_level")]
+    env = dict(os.environ, STACKRNN_TEST_DEFAULT_OPTIMISATION="1")
+    env["XLA_FLAGS"] = " ".join(flags)
+    command = [sys.executable, "-m", "pytest", "-m", "bit_exact", "-n", "0", "-q"]
+    command += ["-p", "no:cacheprovider", *files]
+    result = subprocess.run(
+        command, cwd=here.parent, env=env, capture_output=True, text=True
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    # The marked tests ran and passed, none skipped.
+    assert re.search(r"\b[1-9][0-9]* passed\b", output), output[-5000:]
+    assert "skipped" not in output, output[-5000:]
