@@ -6,60 +6,79 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import stackrnn
 from stackrnn._fold import _runs
 
-from .helpers import fewer, make_cell, stack_of, tree_allclose, with_options
+from .helpers import make_cell, seeds, stack_of, tree_allclose, with_options
 
 
-# A fixed shape per test, so that examples reuse compiled programs: 4 layers, the
-# last three alike, over 5 steps. The scan reorders float32 sums a little.
-INPUT, WIDTH, LAYERS, TIME = 3, 4, 4, 5
+# Fixed structures, so that examples reuse compiled programs; between them they hold
+# every cell family, direction, kind of dropout and wrapper, and runs that are
+# scanned beside layers that are not. The scan reorders float32 sums a little.
+INPUT, TIME = 3, 5
 TOL = dict(rtol=1e-5, atol=1e-5)
-options = st.fixed_dictionaries(
-    dict(
-        kind=st.sampled_from(["rnn_tanh", "gru", "lstm_proj", "gru_ln"]),
-        direction=st.sampled_from(["forward", "reverse", "bidirectional"]),
-        dropout=st.sampled_from([0.0, 0.3]),
-        variational=st.booleans(),
-        residual=st.booleans(),
-        zoneout=st.sampled_from([0.0, 0.2]),
-        recurrent_dropout=st.sampled_from([0.0, 0.2]),
-    )
-)
+STRUCTURES = {
+    # Widths 4, 4, 4, 6: layers 1-2 are scanned, 0 and 3 are not.
+    "gru-bidirectional": dict(
+        kind="gru",
+        widths=(4, 4, 4, 6),
+        direction="bidirectional",
+        dropout=0.3,
+        variational=True,
+        residual=False,
+        zoneout=0.2,
+    ),
+    "lstm_proj-reverse": dict(
+        kind="lstm_proj",
+        widths=(4, 4, 4, 4),
+        direction="reverse",
+        dropout=0.3,
+        residual=True,
+        recurrent_dropout=0.2,
+    ),
+    "gru_ln-forward": dict(
+        kind="gru_ln",
+        widths=(4, 4, 4, 4),
+        direction="forward",
+        residual=True,
+        zoneout=0.2,
+        recurrent_dropout=0.2,
+    ),
+    "rnn_tanh-forward": dict(
+        kind="rnn_tanh", widths=(4, 4, 4), direction="forward", dropout=0.3
+    ),
+}
 
 
-def _stacks(opts, seed, **extra):
-    """The stack `opts` describe, folded by the Python loop and by the scan."""
-    opts = dict(opts)
-    kind, direction = opts.pop("kind"), opts.pop("direction")
-    if not opts["dropout"]:
-        opts["variational"] = False
-    keys = jr.split(jr.key(seed), 2 * LAYERS)
-    width = 2 * WIDTH if direction == "bidirectional" else WIDTH
-    if kind == "lstm_proj":
-        width //= 2
-    cells = [
-        make_cell(kind, INPUT if i == 0 else width, WIDTH, key=keys[i])
-        for i in range(LAYERS)
-    ]
-    backward = None
-    if direction == "bidirectional":
-        backward = [
-            make_cell(kind, c.input_size, WIDTH, key=keys[LAYERS + i])
-            for i, c in enumerate(cells)
-        ]
+def _stacks(name, seed, **extra):
+    """Structure `name` with parameters drawn from `seed`, folded by the Python
+    loop and by the scan."""
+    options = dict(STRUCTURES[name], **extra)
+    kind, widths = options.pop("kind"), options.pop("widths")
+    direction = options.pop("direction")
+    keys = iter(jr.split(jr.key(seed), 2 * len(widths)))
+
+    def layers():
+        cells, size = [], INPUT
+        for width in widths:
+            cells.append(make_cell(kind, size, width, key=next(keys)))
+            size = cells[-1].output_size * (2 if direction == "bidirectional" else 1)
+        return cells
+
+    cells = layers()
+    backward = layers() if direction == "bidirectional" else None
     loop = stack_of(
-        cells,
-        backward_cells=backward,
-        reverse=direction == "reverse",
-        **opts,
-        **extra,
+        cells, backward_cells=backward, reverse=direction == "reverse", **options
     )
     return loop, with_options(loop, scan_layers=2)
+
+
+def _draw(seed, shape):
+    return jax.device_put(np.random.default_rng(seed).normal(size=shape).astype("f4"))
 
 
 @eqx.filter_jit
@@ -79,78 +98,70 @@ def _value_and_grad(stack, xs, **kwargs):
     return aux, jax.tree.leaves(grads)
 
 
-@fewer()
-@given(opts=options, all_layers=st.booleans(), seed=st.integers(0, 2**16))
-def test_scan_over_layers_equals_the_loop(opts, all_layers, seed):
-    """Outputs (every layer's, or the top's), final states and the gradients of
-    parameters and inputs agree, with dropout, variational dropout, residual
-    connections, zoneout and recurrent dropout drawn from the same keys."""
-    loop, scanned = _stacks(opts, seed)
-    xs = jr.normal(jr.key(seed + 1), (TIME, INPUT))
-    key = jr.key(seed + 2)
-    got = _value_and_grad(scanned, xs, key=key, all_layers=all_layers)
-    want = _value_and_grad(loop, xs, key=key, all_layers=all_layers)
-    assert tree_allclose(got, want, **TOL)
-
-
-@settings(max_examples=2)
+@pytest.mark.parametrize("name", STRUCTURES)
 @given(
-    opts=options.filter(lambda o: o["direction"] != "bidirectional"),
-    seed=st.integers(0, 2**16),
+    seed=seeds,
+    length=st.integers(1, TIME),
+    flags=st.lists(st.booleans(), min_size=TIME, max_size=TIME),
 )
-def test_scan_over_layers_equals_the_loop_checkpointed(opts, seed):
+def test_scan_over_layers_equals_the_loop(name, seed, length, flags):
+    """Outputs (every layer's on two structures, the top's on the others), final
+    states and the gradients of parameters and inputs agree, with lengths, resets,
+    dropout (per element and variational), residual connections, zoneout and
+    recurrent dropout drawn from the same keys."""
+    loop, scanned = _stacks(name, seed)
+    kwargs = dict(
+        length=jnp.asarray(length),
+        resets=jnp.asarray(flags),
+        key=jr.key(seed + 1),
+        all_layers=name in ("gru-bidirectional", "gru_ln-forward"),
+    )
+    xs = _draw(seed, (TIME, INPUT))
+    got = _value_and_grad(scanned, xs, **kwargs)
+    assert tree_allclose(got, _value_and_grad(loop, xs, **kwargs), **TOL)
+
+
+@jax.jit
+def _piece(y, _):
+    return jnp.sin(y)
+
+
+@given(seed=seeds)
+def test_scan_over_layers_equals_the_loop_checkpointed(seed):
     """With `checkpoint`, the layers fold inside each chunk of time (a
     unidirectional stack); `transduce` too."""
-    loop, scanned = _stacks(opts, seed, checkpoint=2)
-    xs = jr.normal(jr.key(seed + 1), (TIME, INPUT))
-    key = jr.key(seed + 2)
+    loop, scanned = _stacks("rnn_tanh-forward", seed, checkpoint=2)
+    xs, key = _draw(seed, (TIME, INPUT)), jr.key(seed + 1)
     assert tree_allclose(
         _value_and_grad(scanned, xs, key=key), _value_and_grad(loop, xs, key=key), **TOL
     )
-
-    @eqx.filter_jit
-    def transduce(stack):
-        return stack.transduce(lambda x: x, lambda y, _: jnp.sin(y), xs, key=key)
-
-    assert tree_allclose(transduce(scanned), transduce(loop), **TOL)
-
-
-@fewer()
-@given(
-    opts=options,
-    length=st.integers(1, TIME),
-    flags=st.lists(st.booleans(), min_size=TIME, max_size=TIME),
-    seed=st.integers(0, 2**16),
-)
-def test_scan_over_layers_with_length_and_resets(opts, length, flags, seed):
-    loop, scanned = _stacks(opts, seed)
-    xs = jr.normal(jr.key(seed + 1), (TIME, INPUT))
-    kwargs = dict(
-        length=jnp.asarray(length), resets=jnp.array(flags), key=jr.key(seed + 2)
-    )
     assert tree_allclose(
-        _value_and_grad(scanned, xs, **kwargs),
-        _value_and_grad(loop, xs, **kwargs),
-        **TOL,
+        _transduce(scanned, xs, key=key), _transduce(loop, xs, key=key), **TOL
     )
 
 
-@fewer()
-@given(
-    opts=options.filter(lambda o: o["direction"] != "bidirectional"),
-    inference=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_scan_over_layers_in_step(opts, inference, seed):
-    """`step`, streaming, with the masks it draws per step in training."""
-    opts = dict(opts, variational=False, recurrent_dropout=0.0)
-    loop, scanned = _stacks(opts, seed)
-    x = jr.normal(jr.key(seed + 1), (INPUT,))
+@eqx.filter_jit
+def _transduce(stack, xs, **kwargs):
+    return stack.transduce(lambda x: x, _piece, xs, **kwargs)
+
+
+@eqx.filter_jit
+def _step(stack, x, state, **kwargs):
+    return stack.step(x, state, **kwargs)
+
+
+@given(seed=seeds)
+def test_scan_over_layers_in_step(seed):
+    """`step`, streaming, in training (with the masks it draws per step) and at
+    inference."""
+    loop, scanned = _stacks("gru_ln-forward", seed, recurrent_dropout=0.0, dropout=0.3)
+    x = _draw(seed, (INPUT,))
     state = jax.tree.map(lambda s: s + 0.5, loop.init_state())
-    kwargs = dict(key=jr.key(seed + 2), inference=inference)
-    assert tree_allclose(
-        scanned.step(x, state, **kwargs), loop.step(x, state, **kwargs), **TOL
-    )
+    for inference in (False, True):
+        kwargs = dict(key=jr.key(seed + 1), inference=inference)
+        assert tree_allclose(
+            _step(scanned, x, state, **kwargs), _step(loop, x, state, **kwargs), **TOL
+        )
 
 
 def test_runs_of_alike_layers(getkey):
@@ -178,19 +189,6 @@ def test_runs_of_alike_layers(getkey):
         for i, cell in enumerate(cells[:3])
     ]
     assert list(_runs(wrapped, 2)) == [(i, i + 1, False) for i in range(3)]
-
-
-def test_scan_over_mixed_runs_equals_the_loop(getkey):
-    widths = [4, 4, 4, 6, 6, 6]
-    cells, size = [], 3
-    for width in widths:
-        cells.append(make_cell("gru", size, width, key=getkey()))
-        size = width
-    loop = stack_of(cells, dropout=0.2)
-    xs = jr.normal(getkey(), (TIME, 3))
-    key = getkey()
-    got = _value_and_grad(with_options(loop, scan_layers=2), xs, key=key)
-    assert tree_allclose(got, _value_and_grad(loop, xs, key=key), **TOL)
 
 
 @pytest.mark.parametrize("scan_layers", [1, 0, 2.0, "2", True])
