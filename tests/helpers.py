@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from hypothesis import settings, strategies as st
+from hypothesis import strategies as st
 
 import stackrnn
 
@@ -184,12 +184,6 @@ def to_float64(tree):
     return jax.tree.map(
         lambda p: p.astype(jnp.float64) if eqx.is_inexact_array(p) else p, tree
     )
-
-
-def fewer():
-    """Half the active profile's examples, for the property tests that compile most
-    (each example compiles anew)."""
-    return settings(max_examples=max(1, settings.default.max_examples // 2))
 
 
 def make_stack(cfg: Config, key, direction: str, **kwargs) -> stackrnn.StackedRNN:
