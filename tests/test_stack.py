@@ -58,6 +58,38 @@ def test_stack_equals_its_cells_run_by_hand(cfg, fast, seed):
     assert tree_allclose(call(stack, xs, state), by_hand(stack, xs, state), **TOL32)
 
 
+@eqx.filter_jit
+def _depth_one_and_scan(cell, xs, state):
+    """A one-layer stack on the reference path, and its cell in a `jax.lax.scan`
+    written here: one program, so both compile alike."""
+
+    def step(s, x):
+        s = cell(x, s)
+        return s, cell.output(s)
+
+    final, ys = jax.lax.scan(step, state, xs)
+    stack = stack_of([cell], fast=False)
+    got = stack(xs, jax.tree.map(lambda s: s[None], state))
+    return got, (ys, jax.tree.map(lambda s: s[None], final))
+
+
+DEPTH_ONE = [(cfg, fast) for cfg, fast in SHAPES if cfg.num_layers == 1]
+
+
+@pytest.mark.parametrize("cfg", [c for c, _ in DEPTH_ONE], ids=lambda c: c.kind)
+@given(seed=seeds)
+def test_depth_one_equals_its_cell_bit_for_bit(cfg, seed):
+    """The reference path is the cell's step in a `jax.lax.scan`, no other
+    operation: bit for bit. (The faster paths agree to rounding: test_fast.py,
+    test_fused.py.)"""
+    kc, kx, ks = jr.split(jr.key(seed), 3)
+    (cell,) = make_cells(cfg, kc)
+    state = random_state(stack_of([cell]), ks)
+    state = jax.tree.map(lambda s: s[0], state)
+    got, want = _depth_one_and_scan(cell, inputs(cfg, kx), state)
+    assert tree_equal(got, want)
+
+
 def test_miswired_stack_is_caught(getkey):
     """d2l's JAX `GRU(num_layers)` feeds the raw input to every layer but the last.
     For a stack of three, that wiring gives other numbers than ours: the by-hand
