@@ -82,6 +82,9 @@ def _runs(
     span of its own."""
     # The first layer, which reads the inputs as they are, is never alike.
     yield 0, 1, False
+    if scan_from is None:
+        yield from ((i, i + 1, False) for i in range(1, len(layers)))
+        return
     begin = 1
     while begin < len(layers):
         end = begin + 1
