@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from .conftest import FAST_COMPILE
+
 
 @pytest.mark.slow
 def test_bit_exact_at_xlas_default_optimisation():
@@ -21,9 +23,9 @@ def test_bit_exact_at_xlas_default_optimisation():
         if f != here and "@pytest.mark.bit_exact" in f.read_text()
     ]
     assert files, "no test is marked `bit_exact`"
-    # The flag that conftest.py set for this process, which children inherit, goes.
+    # The flags that conftest.py set for this process, which children inherit, go.
     flags = os.environ.get("XLA_FLAGS", "").split()
-    flags = [f for f in flags if not f.startswith("--xla_backend_optimization_level")]
+    flags = [f for f in flags if f not in FAST_COMPILE]
     env = dict(os.environ, STACKRNN_TEST_DEFAULT_OPTIMISATION="1")
     env["XLA_FLAGS"] = " ".join(flags)
     command = [sys.executable, "-m", "pytest", "-m", "bit_exact", "-n", "0", "-q"]
