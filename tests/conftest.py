@@ -3,8 +3,8 @@ import os
 
 
 # The suite checks what programs compute, not how fast they run: XLA compiles them
-# without LLVM's optimisations and with its older elementwise emitter, which was
-# most of the suite's time. The rounding of some float products changes with it (no
+# without LLVM's optimisations and with its older elementwise emitter, which halves
+# the suite's time. The rounding of some float products changes with it (no
 # fused multiply-adds), so the tests marked `bit_exact`, which compare with bits
 # saved by XLA's default compiler, what users run, are skipped here and run by
 # `test_bit_exact.py` in a process of its own with the default flags. (Set before

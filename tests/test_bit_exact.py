@@ -1,7 +1,7 @@
-"""The tests marked `bit_exact` compare with bits saved by programs compiled at
-XLA's default optimisation, what users run. The suite compiles without LLVM's
-optimisations (`conftest.py`), which rounds some float products differently, so
-they run here, in a pytest process of their own at the default level."""
+"""The tests marked `bit_exact` compare with bits saved by programs compiled with
+XLA's default flags, what users run. The suite compiles with faster flags
+(`conftest.py`), which round some float products differently, so they run here, in
+a pytest process of their own with the default flags."""
 
 import os
 import pathlib
