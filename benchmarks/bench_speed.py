@@ -55,11 +55,12 @@ def gemm_rate(repeats):
     n = 2048
     a = jax.random.normal(jax.random.key(0), (n, n))
     dot = jax.jit(jnp.dot)
-    times = _time(lambda: dot(a, a), repeats)
+    times = timed(lambda: dot(a, a), repeats)
     return 2 * n**3 / statistics.median(times)
 
 
-def _time(fn, repeats, warmup=2):
+def timed(fn, repeats, warmup=2):
+    """Seconds of each of `repeats` calls of `fn`, after `warmup` calls."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
     out = []

@@ -9,10 +9,8 @@ each, such as the memory allocator or environment variables read at start-up.
 
 import argparse
 import statistics
-import time
 
-import jax
-from bench_speed import CONFIGS, ours
+from bench_speed import CONFIGS, ours, timed
 
 import stackrnn
 
@@ -32,13 +30,7 @@ def main():
     parser.add_argument("--calls", type=int, default=40)
     args = parser.parse_args()
     _, step = ours(args.cell, CONFIGS[args.config], PATHS[args.path]())
-    for _ in range(3):  # compiles, then warms up
-        jax.block_until_ready(step())
-    times = []
-    for _ in range(args.calls):
-        start = time.perf_counter()
-        jax.block_until_ready(step())
-        times.append(time.perf_counter() - start)
+    times = timed(step, args.calls, warmup=3)  # the first call compiles
     print(
         f"{args.cell} {args.config} {args.path}: fwd+bwd median "
         f"{1000 * statistics.median(times):.1f} ms over {args.calls} calls"
