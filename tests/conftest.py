@@ -1,5 +1,7 @@
 import gc
 import os
+import pathlib
+import shutil
 
 
 # The suite checks what programs compute, not how fast they run: XLA compiles them
@@ -19,11 +21,24 @@ if not DEFAULT_OPTIMISATION:
         [os.environ.get("XLA_FLAGS", ""), *FAST_COMPILE]
     ).strip()
 
+
 import jax  # noqa: E402
 import jax.random as jr  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+
+# Compiled programs go to a cache on disk, in the repository and ignored by git, and
+# every program counts, however fast it compiled: a program that another module (after
+# the clearing below), the other worker or an earlier run compiled is loaded, not
+# compiled again. JAX keys each entry by the program, the XLA flags and its own
+# version, so a changed program is compiled anew. In this process only: the tests'
+# subprocesses compile afresh (a four-device program loaded from the cache crashed
+# one with a segmentation fault).
+COMPILE_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
+COMPILE_CACHE_LIMIT = 2**30  # bytes; past it the next session starts an empty cache
+jax.config.update("jax_compilation_cache_dir", str(COMPILE_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 # Every dtype promotion must be explicit in the library: strict mode turns a silent
 # float32 -> float64 upcast into an error.
@@ -69,6 +84,16 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+def pytest_configure(config):
+    """Empties the compile cache when it has grown past its limit (once per session,
+    before the workers start; entries of programs that changed are never read again)."""
+    if hasattr(config, "workerinput") or not COMPILE_CACHE.is_dir():
+        return
+    size = sum(f.stat().st_size for f in COMPILE_CACHE.iterdir() if f.is_file())
+    if size > COMPILE_CACHE_LIMIT:
+        shutil.rmtree(COMPILE_CACHE)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -288,6 +288,7 @@ def _temp_bytes(stack, time):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_compiled_memory_grows_sublinearly_with_checkpointing(getkey):
     """16x the steps: without checkpointing the backward pass keeps every step
     (about 16x the memory); with it, about sqrt(16) = 4x."""

@@ -143,6 +143,7 @@ def _logits_loss(model, tokens, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
+@pytest.mark.slow
 def test_streamed_loss_memory_does_not_grow_with_the_sequence(getkey):
     """16x the tokens: the gradient step of `sequence_loss` on a stack with nested
     chunks (about `time ** (1/3)` steps per level) hardly grows with the sequence
