@@ -21,7 +21,6 @@ if not DEFAULT_OPTIMISATION:
         [os.environ.get("XLA_FLAGS", ""), *FAST_COMPILE]
     ).strip()
 
-
 import jax  # noqa: E402
 import jax.random as jr  # noqa: E402
 import pytest  # noqa: E402
