@@ -5,8 +5,10 @@ import shutil
 
 
 # The suite checks what programs compute, not how fast they run: XLA compiles them
-# without LLVM's optimisations and with its older elementwise emitter, which halves
-# the suite's time. The rounding of some float products changes with it (no
+# without LLVM's optimisations, with its older elementwise emitter, in one piece
+# (not split for parallel code generation, which the two workers' cores cannot use)
+# and with its preset for fast compiles, which together halve the suite's time. The
+# rounding of some float products changes with it (no
 # fused multiply-adds), so the tests marked `bit_exact`, which compare with bits
 # saved by XLA's default compiler, what users run, are skipped here and run by
 # `test_bit_exact.py` in a process of its own with the default flags. (Set before
@@ -14,6 +16,8 @@ import shutil
 FAST_COMPILE = (
     "--xla_backend_optimization_level=0",
     "--xla_cpu_use_fusion_emitters=false",
+    "--xla_cpu_parallel_codegen_split_count=1",
+    "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE",
 )
 DEFAULT_OPTIMISATION = os.environ.get("STACKRNN_TEST_DEFAULT_OPTIMISATION") == "1"
 if not DEFAULT_OPTIMISATION:
