@@ -1,4 +1,5 @@
-"""The measurements behind two targets that docs/benchmarks.md reports as missed.
+"""The measurements behind the targets that docs/benchmarks.md and the log report as
+missed.
 
 1. PyTorch's operator profile (`torch.profiler`, 3 runs of forward and backward after
    2 warm-up runs) of its LSTM and GRU on the d2l and large configs: which kernels
@@ -10,8 +11,13 @@
    `jax.lax.scan` of 64 steps, each multiplying the state by the transposed weight.
    Medians of `--repeats` runs, every product compiled with `jax.jit` and timed
    alternately in one process.
+3. The per-step recurrent product of every config and cell (`h @ weight_hh.T`, the
+   whole batch, one step) on XLA, in PyTorch and in SciPy's BLAS: each round runs
+   each library for a block of `--calls` calls in turn (alternating call by call,
+   the three libraries' idle threads spin against each other's calls); the median
+   over `--rounds` rounds of each block's median, threads as they come.
 
-    python benchmarks/profile_misses.py [--repeats N]
+    python benchmarks/profile_misses.py [--parts profiles rates products] [--repeats N]
 """
 
 import argparse
@@ -20,6 +26,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from bench_speed import CONFIGS as ALL_CONFIGS, GATES
 
 
 CONFIGS = {"d2l": (28, 32, 2, 1024, 32), "large": (1024, 1024, 2, 32, 64)}
@@ -103,12 +111,68 @@ def gemm_rates(repeats):
         print(f"  {cell} large forward at these rates: {100 * bound:.0f} % of square")
 
 
+def _products(b, h, g):
+    import torch
+    from scipy.linalg import blas
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, h), dtype=np.float32)
+    w = rng.standard_normal((h, g), dtype=np.float32)
+    xj, wj = jnp.asarray(x), jnp.asarray(w)
+    dot = jax.jit(jnp.dot)
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    xf, wf = np.asfortranarray(x), np.asfortranarray(w)
+    return {
+        "XLA": lambda: dot(xj, wj).block_until_ready(),
+        "torch": lambda: torch.mm(xt, wt),
+        "SciPy BLAS": lambda: blas.sgemm(1.0, xf, wf),
+    }
+
+
+def step_products(calls, rounds):
+    names = ("XLA", "torch", "SciPy BLAS")
+    print(
+        "\n| config | cell | B, H, G | "
+        + " | ".join(f"{n} µs | {n} GFLOP/s" for n in names)
+        + " |\n| --- | --- | --- |"
+        + " ---: |" * (2 * len(names))
+    )
+    for config, (_, h, _, b, _) in ALL_CONFIGS.items():
+        for cell in ("gru", "lstm"):
+            g = GATES[cell] * h
+            fns = _products(b, h, g)
+            medians = {n: [] for n in fns}
+            for _ in range(rounds):
+                for n, fn in fns.items():
+                    for _ in range(10):  # warm up (compiles, threads)
+                        fn()
+                    block = []
+                    for _ in range(calls):
+                        start = time.perf_counter()
+                        fn()
+                        block.append(time.perf_counter() - start)
+                    medians[n].append(statistics.median(block))
+            row = []
+            for n in names:
+                t = statistics.median(medians[n])
+                row.append(f"{1e6 * t:.0f} | {2 * b * h * g / t / 1e9:.0f}")
+            print(f"| {config} | {cell} | {b}, {h}, {g} | " + " | ".join(row) + " |")
+
+
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parts = ("profiles", "rates", "products")
+    parser.add_argument("--parts", nargs="+", default=list(parts), choices=parts)
     parser.add_argument("--repeats", type=int, default=51)
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    torch_profiles()
-    gemm_rates(args.repeats)
+    if "profiles" in args.parts:
+        torch_profiles()
+    if "rates" in args.parts:
+        gemm_rates(args.repeats)
+    if "products" in args.parts:
+        step_products(args.calls, args.rounds)
 
 
 if __name__ == "__main__":
