@@ -117,9 +117,13 @@ def _recurrence_bwd(reverse, residuals, cotangents):
     cell, gates_x, bias_ih, state, hs, cs = residuals
     d_hs, d_cs = cotangents
     h0, c0 = _split(cell, state)
+    # Only the GRU's two gate cotangents differ (its candidate's recurrent part is
+    # scaled by `r`); the other cells' are one array, written once and read by both
+    # weight gradients' products.
+    gru = _kind(cell) == "gru"
     shapes = (
         jax.ShapeDtypeStruct(gates_x.shape, gates_x.dtype),
-        jax.ShapeDtypeStruct(gates_x.shape, gates_x.dtype),
+        jax.ShapeDtypeStruct(gates_x.shape if gru else (0,), gates_x.dtype),
         jax.ShapeDtypeStruct(h0.shape, h0.dtype),
         jax.ShapeDtypeStruct(c0.shape, c0.dtype),
     )
@@ -138,6 +142,8 @@ def _recurrence_bwd(reverse, residuals, cotangents):
         cell=kernels.CELLS[_kind(cell)],
         reverse=reverse,
     )
+    if not gru:
+        d_gates_h = d_gates_x
     d_state = (d_h0, d_c0) if _kind(cell) == "lstm" else d_h0
     d_cell, d_hs, d_cs = jax.tree.map(jnp.zeros_like, (cell, hs, cs))
     return d_cell, d_gates_x, jnp.sum(d_gates_x, 0), d_gates_h, d_state, d_hs, d_cs

@@ -163,8 +163,9 @@ inline void StepForward(int64_t cell, int64_t H, const T* __restrict gx,
 
 // The reverse of one step: from the cotangents `dh`, `dc` of the new state `h1`,
 // the cotangents of the gate pre-activations through the input projection (`dgx`)
-// and the recurrent one (`dgh`; they differ only in the GRU's candidate gate,
-// whose recurrent part is scaled by `r`), and the part of the previous state's
+// and, for the GRU alone, the recurrent one (`dgh`: they differ only in its
+// candidate gate, whose recurrent part is scaled by `r`; the other cells' are
+// `dgx`, which is not written twice), and the part of the previous state's
 // cotangent that does not pass through the recurrent product (`dh_prev`,
 // `dc_prev`); the caller adds `dgh @ weight_hh`.
 template <typename T>
@@ -180,7 +181,6 @@ inline void StepBackward(int64_t cell, int64_t H, const T* __restrict gx,
       for (int64_t j = 0; j < H; ++j) {
         T d = dh[j] - dh[j] * h1[j] * h1[j];
         dgx[j] = d;
-        dgh[j] = d;
         dh_prev[j] = T(0);
       }
       break;
@@ -189,7 +189,6 @@ inline void StepBackward(int64_t cell, int64_t H, const T* __restrict gx,
       for (int64_t j = 0; j < H; ++j) {
         T d = h1[j] > T(0) ? dh[j] : T(0);
         dgx[j] = d;
-        dgh[j] = d;
         dh_prev[j] = T(0);
       }
       break;
@@ -229,10 +228,10 @@ inline void StepBackward(int64_t cell, int64_t H, const T* __restrict gx,
         T d_f = dcn * c[j] * f * (T(1) - f);
         T d_g = dcn * i * (T(1) - g * g);
         T d_o = dh[j] * tc * o * (T(1) - o);
-        dgx[j] = dgh[j] = d_i;
-        dgx[H + j] = dgh[H + j] = d_f;
-        dgx[2 * H + j] = dgh[2 * H + j] = d_g;
-        dgx[3 * H + j] = dgh[3 * H + j] = d_o;
+        dgx[j] = d_i;
+        dgx[H + j] = d_f;
+        dgx[2 * H + j] = d_g;
+        dgx[3 * H + j] = d_o;
         dh_prev[j] = T(0);
         dc_prev[j] = dcn * f;
       }
@@ -464,7 +463,8 @@ ffi::Error Forward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
 
 // Backward: the forward's arguments, `hs`, `cs` (the forward's results) and their
 // cotangents `dhs`, `dcs` -> d gates_x, d gates_h (*B, T, G)
-// and d h0, d c0 (*B, H). Without an LSTM, `cs`, `dcs` and `d c0` are empty.
+// and d h0, d c0 (*B, H). Without an LSTM, `cs`, `dcs` and `d c0` are empty; without
+// a GRU, so is `d gates_h`, which equals `d gates_x` there.
 template <typename T>
 ffi::Error Backward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
                     ffi::AnyBuffer gx, ffi::AnyBuffer bx, ffi::AnyBuffer w,
@@ -500,7 +500,8 @@ ffi::Error Backward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
   const T *h0p = In<T>(h0), *c0p = lstm ? In<T>(c0) : nullptr;
   const T *hsp = In<T>(hs), *csp = lstm ? In<T>(cs) : nullptr;
   const T *dhsp = In<T>(dhs), *dcsp = lstm ? In<T>(dcs) : nullptr;
-  T *dgxp = Out<T>(dgx), *dghp = Out<T>(dgh), *dh0p = Out<T>(dh0);
+  const bool gru = cell == kGru;
+  T *dgxp = Out<T>(dgx), *dghp = gru ? Out<T>(dgh) : nullptr, *dh0p = Out<T>(dh0);
   T* dc0p = lstm ? Out<T>(dc0) : nullptr;
 
   auto rows = [&](int64_t begin, int64_t end) {
@@ -551,8 +552,9 @@ ffi::Error Backward(ffi::ThreadPool& pool, int64_t cell, bool reverse,
           StepBackward<T>(cell, H, gxp + (l.gx[br] * Tn + t) * G, bxp + l.bx[br] * G,
                           ghrow[r], hp, cp,
                           hsp + (hs_i[br] * Tn + t) * H, dhr, dcr, dgxp + row * G,
-                          dghp + row * G, carry_h + r * H, carry_c + r * H);
-          dghrow[r] = dghp + row * G;
+                          gru ? dghp + row * G : nullptr, carry_h + r * H,
+                          carry_c + r * H);
+          dghrow[r] = (gru ? dghp : dgxp) + row * G;
           fw[r] = from_w + r * H;
         }
         if (n == kRows)
