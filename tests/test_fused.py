@@ -210,3 +210,36 @@ def test_fused_under_checkpoint_and_vmap():
     got = jax.jit(loss(_fused.scan_fused))(cell)
     want = jax.jit(loss(scan_reference))(cell)
     assert tree_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_fused_under_nested_vmap(kind):
+    """Two levels of `jax.vmap`: the outer over two cells (per-example weights) and
+    their initial states, the inner over three sequences each (sharing the cell and
+    the state): gradients with respect to the cells, the inputs and the states,
+    float64. Every argument then reaches the kernels with two batch axes, some of
+    them of size 1."""
+    rng = np.random.default_rng(1)
+    with x64(True):
+        cells = [_numpy_cell(kind, 3, 4, True, rng) for _ in range(2)]
+        cells = _as(jnp.float64, jax.tree.map(lambda *a: np.stack(a), *cells))
+        xs = jnp.asarray(rng.standard_normal((2, 3, 5, 3)))
+        states = jax.tree.map(
+            lambda s: jnp.asarray(rng.standard_normal((2, *s.shape))),
+            jax.eval_shape(jax.tree.map(lambda a: a[0], cells).init_state),
+        )
+
+        def run(scan):
+            loss = _loss(scan, False)
+
+            def per_cell(cell, xs, state):
+                inner = jax.vmap(loss, (None, 0, None))
+                return jax.grad(lambda *a: jnp.sum(inner(*a)), (0, 1, 2))(
+                    cell, xs, state
+                )
+
+            return jax.jit(jax.vmap(per_cell))(cells, xs, states)
+
+        got, want = run(_fused.scan_fused), run(scan_reference)
+        assert tree_allclose(got, want, rtol=1e-10, atol=1e-10)
