@@ -30,7 +30,7 @@ import numpy as np
 from bench_speed import CONFIGS as ALL_CONFIGS, GATES
 
 
-CONFIGS = {"d2l": (28, 32, 2, 1024, 32), "large": (1024, 1024, 2, 32, 64)}
+CONFIGS = {name: ALL_CONFIGS[name] for name in ("d2l", "large")}
 
 
 def torch_profiles():

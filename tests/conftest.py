@@ -8,11 +8,11 @@ import shutil
 # without LLVM's optimisations, with its older elementwise emitter, in one piece
 # (not split for parallel code generation, which the two workers' cores cannot use)
 # and with its preset for fast compiles, which together halve the suite's time. The
-# rounding of some float products changes with it (no
-# fused multiply-adds), so the tests marked `bit_exact`, which compare with bits
-# saved by XLA's default compiler, what users run, are skipped here and run by
-# `test_bit_exact.py` in a process of its own with the default flags. (Set before
-# JAX starts its CPU backend, which reads the flags once.)
+# rounding of some float products changes with it (no fused multiply-adds), so the
+# tests marked `bit_exact`, which compare with bits saved by XLA's default compiler,
+# what users run, are skipped here and run by `test_bit_exact.py` in a process of
+# its own with the default flags. (Set before JAX starts its CPU backend, which reads
+# the flags once.)
 FAST_COMPILE = (
     "--xla_backend_optimization_level=0",
     "--xla_cpu_use_fusion_emitters=false",
