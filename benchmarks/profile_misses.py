@@ -27,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_speed import CONFIGS as ALL_CONFIGS, GATES
+from bench_speed import CONFIGS as ALL_CONFIGS, GATES, timed
 
 
 CONFIGS = {name: ALL_CONFIGS[name] for name in ("d2l", "large")}
@@ -143,15 +143,8 @@ def step_products(calls, rounds):
             fns = _products(b, h, g)
             medians = {n: [] for n in fns}
             for _ in range(rounds):
-                for n, fn in fns.items():
-                    for _ in range(10):  # warm up (compiles, threads)
-                        fn()
-                    block = []
-                    for _ in range(calls):
-                        start = time.perf_counter()
-                        fn()
-                        block.append(time.perf_counter() - start)
-                    medians[n].append(statistics.median(block))
+                for n, fn in fns.items():  # warm-up: compiles, threads
+                    medians[n].append(statistics.median(timed(fn, calls, warmup=10)))
             row = []
             for n in names:
                 t = statistics.median(medians[n])

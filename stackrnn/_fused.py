@@ -117,10 +117,11 @@ def _recurrence_bwd(reverse, residuals, cotangents):
     cell, gates_x, bias_ih, state, hs, cs = residuals
     d_hs, d_cs = cotangents
     h0, c0 = _split(cell, state)
+    kind = _kind(cell)
     # Only the GRU's two gate cotangents differ (its candidate's recurrent part is
     # scaled by `r`); the other cells' are one array, written once and read by both
     # weight gradients' products.
-    gru = _kind(cell) == "gru"
+    gru = kind == "gru"
     shapes = (
         jax.ShapeDtypeStruct(gates_x.shape, gates_x.dtype),
         jax.ShapeDtypeStruct(gates_x.shape if gru else (0,), gates_x.dtype),
@@ -139,12 +140,12 @@ def _recurrence_bwd(reverse, residuals, cotangents):
         cs,
         d_hs,
         d_cs,
-        cell=kernels.CELLS[_kind(cell)],
+        cell=kernels.CELLS[kind],
         reverse=reverse,
     )
     if not gru:
         d_gates_h = d_gates_x
-    d_state = (d_h0, d_c0) if _kind(cell) == "lstm" else d_h0
+    d_state = (d_h0, d_c0) if kind == "lstm" else d_h0
     d_cell, d_hs, d_cs = jax.tree.map(jnp.zeros_like, (cell, hs, cs))
     return d_cell, d_gates_x, jnp.sum(d_gates_x, 0), d_gates_h, d_state, d_hs, d_cs
 
