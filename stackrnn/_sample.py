@@ -10,9 +10,13 @@ elements, each written into the result in place: the same numbers, in memory for
 the result and a piece. An orthogonal draw also takes its QR one gate block at a
 time.
 
+A small array is drawn flat at its size class, the power of two at or above its
+size, and cut to its shape on the host: the same numbers again, by one compiled
+program per size class and dtype, where `jax.random` compiles one per shape (so
+building a model eagerly compiles a few draws, not one per parameter shape).
+
 Elsewhere (another PRNG, `jax_threefry_partitionable` off, a key under a
-transform) and for small arrays, the array is drawn in one call, as `jax.random`
-draws it.
+transform), the array is drawn in one call, as `jax.random` draws it.
 """
 
 import functools
@@ -25,6 +29,7 @@ import numpy as np
 
 
 PIECE = 2**18
+SMALLEST_CLASS = 2**6
 
 
 def _unsupported(*args):
@@ -58,13 +63,26 @@ _PIECE_IMPL = jex_random.define_prng_impl(
 )
 
 
-def _pieceable(key, size: int) -> bool:
+def _partitionable(key) -> bool:
+    """Whether element `i` of a draw from `key` depends on the key and `i` alone,
+    and the key is a concrete array."""
     return (
-        size > PIECE
-        and not isinstance(key, jax.core.Tracer)
+        not isinstance(key, jax.core.Tracer)
         and jax.config.jax_threefry_partitionable
         and str(jax.random.key_impl(key)) == "threefry2x32"
     )
+
+
+def _size_class(size: int) -> int:
+    return max(SMALLEST_CLASS, 1 << (size - 1).bit_length())
+
+
+def _cut(flat, shape):
+    """The first `prod(shape)` elements of `flat`, in `shape`, placed as `flat` is
+    (a draw from one key is replicated, so its placement fits any shape): cut on the
+    host, as a cut on the device compiles a program per shape."""
+    host = np.asarray(flat)[: math.prod(shape)].reshape(shape)
+    return jax.device_put(host, flat.sharding) if flat.committed else jnp.asarray(host)
 
 
 def _stored(dtype):
@@ -120,8 +138,11 @@ def draw(sample, key, shape: tuple[int, ...], dtype, **params):
     is computed from that element's bits alone (`uniform`, `normal`, times a
     number); `params` are Python numbers (static, so that they convert to `dtype`
     as they would outside `jax.jit`)."""
-    if not _pieceable(key, math.prod(shape)):
+    size = math.prod(shape)
+    if not _partitionable(key):
         return sample(key, shape, dtype, **params)
+    if size <= PIECE:
+        return _cut(sample(key, (_size_class(size),), dtype, **params), shape)
     data = jax.random.key_data(key)
     params = tuple(sorted(params.items()))
     return _in_pieces(sample, data, tuple(shape), dtype, params, PIECE)
@@ -147,7 +168,7 @@ def _orthogonal_in_pieces(key_data, n, m, blocks, work, gain, dtype, length):
 def orthogonal(key, n: int, blocks: int, work, m: int, gain: float, dtype):
     """`(gain * jax.random.orthogonal(key, n, (blocks,), work, m)).astype(dtype)`,
     its normal draw in pieces and its QR one block at a time where it is large."""
-    if not _pieceable(key, blocks * n * m):
+    if blocks * n * m <= PIECE or not _partitionable(key):
         return (gain * jax.random.orthogonal(key, n, (blocks,), work, m)).astype(dtype)
     data = jax.random.key_data(key)
     return _orthogonal_in_pieces(data, n, m, blocks, work, gain, dtype, PIECE)

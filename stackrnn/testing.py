@@ -30,6 +30,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess test
 
 from ._cells import AbstractCell
 from ._kinds import cell_class, CELL_KINDS, LAYER_NORM_KINDS
+from ._sample import draw as draw_random
 from ._stack import StackedRNN
 
 
@@ -145,6 +146,11 @@ def stacks(draw, key: PRNGKeyArray, **config_options) -> StackedRNN:
     return StackedRNN(make_cells(cfg, jax.random.fold_in(key, seed)))
 
 
+def _default_float():
+    """`jax.random`'s default dtype: float64 where 64-bit types are on."""
+    return jax.dtypes.canonicalize_dtype(np.float64)
+
+
 def inputs(
     cfg: Config, key: PRNGKeyArray, *, scale: float = 1.0, batch: int | None = None
 ) -> Float[Array, "*batch time input"]:
@@ -153,7 +159,7 @@ def inputs(
     shape = (cfg.time, cfg.input_size)
     if batch is not None:
         shape = (batch, *shape)
-    return scale * jax.random.normal(key, shape)
+    return scale * draw_random(jax.random.normal, key, shape, _default_float())
 
 
 @st.composite
@@ -165,7 +171,9 @@ def sequences(
     failing example replays)."""
     time = draw(st.integers(1, max_time))
     seed = draw(st.integers(0, 2**16))
-    return scale * jax.random.normal(jax.random.key(seed), (time, input_size))
+    return scale * draw_random(
+        jax.random.normal, jax.random.key(seed), (time, input_size), _default_float()
+    )
 
 
 def random_state(model, key: PRNGKeyArray) -> PyTree[Array]:
@@ -174,7 +182,10 @@ def random_state(model, key: PRNGKeyArray) -> PyTree[Array]:
     keys = jax.random.split(key, len(leaves))
     return jax.tree.unflatten(
         treedef,
-        [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)],
+        [
+            draw_random(jax.random.normal, k, x.shape, x.dtype)
+            for k, x in zip(keys, leaves)
+        ],
     )
 
 

@@ -176,6 +176,29 @@ def test_draws_are_the_saved_ones(dtype, piece, monkeypatch):
             )
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_small_draws_are_jax_randoms(dtype):
+    """A small array, cut from a draw at its size class, has `jax.random`'s numbers
+    for its shape: the empty, a scalar, one under, at and over a size class, and
+    a committed key, whose draw stays on the key's device."""
+    shapes = [(0, 3), (), (7, 9), (8, 8), (5, 13), (1, 65)]
+    keys = [KEY] * len(shapes) + [jax.device_put(KEY, jax.devices()[-1])]
+    for shape, key in zip([*shapes, (2, 3)], keys):
+        for sample, params in [
+            (jr.uniform, dict(minval=-0.3, maxval=0.3)),
+            (jr.normal, {}),
+        ]:
+            got = stackrnn._sample.draw(sample, key, shape, dtype, **params)
+            want = sample(key, shape, dtype, **params)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert got.committed == want.committed
+            assert got.devices() == want.devices()
+            np.testing.assert_array_equal(
+                np.asarray(got).reshape(-1).view(np.uint16),
+                np.asarray(want).reshape(-1).view(np.uint16),
+            )
+
+
 def test_pieces_count_past_two_to_the_32():
     """A piece hashes each element's 64-bit index, split into a high and a low
     word as JAX's partitionable threefry splits it, also where the low word
