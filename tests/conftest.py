@@ -99,6 +99,16 @@ def pytest_configure(config):
         shutil.rmtree(COMPILE_CACHE)
 
 
+def pytest_collection_finish(session):
+    """Hides what the imports and the collection made (JAX, PyTorch, the tests'
+    modules) from Python's garbage collector, and lets it run less often: tracing
+    makes many short-lived objects, and each full collection walked all of those
+    that live for the session."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 100)
+
+
 def pytest_collection_modifyitems(config, items):
     if DEFAULT_OPTIMISATION:
         return
