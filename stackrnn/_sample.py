@@ -82,7 +82,8 @@ def _cut(flat, shape):
     (a draw from one key is replicated, so its placement fits any shape): cut on the
     host, as a cut on the device compiles a program per shape."""
     host = np.asarray(flat)[: math.prod(shape)].reshape(shape)
-    return jax.device_put(host, flat.sharding) if flat.committed else jnp.asarray(host)
+    # `jax.device_put`, as `jnp.asarray` compiles a copy per shape.
+    return jax.device_put(host, flat.sharding if flat.committed else None)
 
 
 def _stored(dtype):

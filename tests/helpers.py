@@ -80,7 +80,7 @@ def assert_derivatives_match(update, formula, primals, key):
         flat = np.asarray(jr.normal(key, (sum(sizes),)))
         parts = np.split(flat, np.cumsum(sizes)[:-1])
         return treedef.unflatten(
-            [jnp.asarray(p.reshape(x.shape)) for p, x in zip(parts, leaves)]
+            [jax.device_put(p.reshape(x.shape)) for p, x in zip(parts, leaves)]
         )
 
     k1, k2 = jr.split(key)
