@@ -133,7 +133,8 @@ def _in_pieces(sample, key_data, shape, dtype, params, length):
 
 
 def draw(sample, key, shape: tuple[int, ...], dtype, **params):
-    """`sample(key, shape, dtype, **params)`, in pieces where it is large.
+    """`sample(key, shape, dtype, **params)`: cut from a draw at its size class where
+    it is small, in pieces where it is large.
 
     `sample` is a `jax.random` sampler, or a function of one, whose every element
     is computed from that element's bits alone (`uniform`, `normal`, times a
