@@ -488,6 +488,16 @@ def check_step_matches_scan(
     _assert_close("`step` final state vs `__call__`", s, final, rtol, atol)
 
 
+@eqx.filter_jit
+def _grads_and_clipped_norm(model, loss, args, max_norm):
+    """The gradients and their global norm once clipped, in one compiled program:
+    clipped eagerly, every leaf's shape compiled programs of its own."""
+    grads = eqx.filter_grad(loss)(model, *args)
+    clip = optax.clip_by_global_norm(max_norm)
+    clipped, _ = clip.update(grads, clip.init(grads))
+    return grads, optax.tree.norm(clipped)
+
+
 def check_finite_clipped_grads(
     model,
     loss: Callable[..., Float[Array, ""]],
@@ -511,7 +521,7 @@ def check_finite_clipped_grads(
 
     `AssertionError` naming the first non-finite gradient, or the norm.
     """
-    grads = eqx.filter_jit(eqx.filter_grad(loss))(model, *args)
+    grads, clipped_norm = _grads_and_clipped_norm(model, loss, args, max_norm)
     paths = jax.tree_util.tree_leaves_with_path(eqx.filter(grads, eqx.is_array))
     if not paths:
         raise AssertionError("the model has no floating-point arrays to differentiate")
@@ -523,9 +533,7 @@ def check_finite_clipped_grads(
                 f"gradient of {jax.tree_util.keystr(path)} has "
                 f"{finite.size - np.count_nonzero(finite)} non-finite entries"
             )
-    clip = optax.clip_by_global_norm(max_norm)
-    clipped, _ = clip.update(grads, clip.init(grads))
-    norm = float(optax.tree.norm(clipped))
+    norm = float(clipped_norm)
     if not norm <= max_norm * (1 + 1e-5):
         raise AssertionError(
             f"clipped gradients have global norm {norm}, above `max_norm`={max_norm}"
