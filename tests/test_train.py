@@ -39,10 +39,14 @@ def tiny_model(data, key, cell=stackrnn.GRU):
     return stackrnn.lm.RNNLM(rnn, len(data.vocab), key=k2)
 
 
+# Compiled, as in the epoch: one program per example, not one per operation.
+_compiled_batches = jax.jit(_batches, static_argnums=(1, 2, 3))
+
+
 @given(n=st.integers(1, 40), batch_size=st.integers(1, 16), multiple=st.integers(1, 3))
 def test_batches_cover_every_window_once(n, batch_size, multiple):
     order = jnp.arange(n)[::-1]
-    pairs = _batches(order, batch_size, jnp.float32, multiple)
+    pairs = _compiled_batches(order, batch_size, jnp.float32, multiple)
     # Full batches, then one short batch with all remaining windows (d2l's
     # DataLoader with drop_last=False), nothing padded but to the device multiple.
     sizes = [batch_size] * (n // batch_size) + (
