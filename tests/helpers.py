@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import pytest
 from hypothesis import strategies as st
 
 import stackrnn
@@ -30,6 +31,29 @@ DIRECTIONS = ("forward", "reverse", "bidirectional")
 TOL32 = dict(rtol=1e-5, atol=1e-6)  # float32: compiled versus op by op
 TOL64 = dict(rtol=1e-10, atol=1e-10)  # float64: two algorithms, same math
 seeds = st.integers(0, 2**16)
+
+
+def structures(cases, *, quick: int, ids=None):
+    """`cases` for `pytest.mark.parametrize`, every one but the first `quick` marked
+    `slow`. Each structure compiles programs of its own, the quick loop's main cost:
+    `pytest -m "not slow"` checks the property on the first ones, the full suite on
+    all (order a list so that the first ones catch what matters most). A tuple case
+    holds the arguments of several parameter names, or of one that is a tuple."""
+    ids = [None] * len(cases) if ids is None else list(ids)
+    return [
+        pytest.param(
+            *(case if isinstance(case, tuple) else (case,)),
+            id=ident,
+            marks=[pytest.mark.slow] if i >= quick else [],
+        )
+        for i, (case, ident) in enumerate(zip(cases, ids, strict=True))
+    ]
+
+
+def directions(*, quick: int = 1):
+    """`DIRECTIONS` for `pytest.mark.parametrize` through `structures`, bidirectional
+    first: one stack that reads both ways."""
+    return structures(["bidirectional", "forward", "reverse"], quick=quick)
 
 
 @eqx.filter_jit

@@ -17,13 +17,13 @@ import stackrnn
 from .helpers import (
     call,
     Config,
-    DIRECTIONS,
     inputs,
     make_stack,
     random_state,
     seeds,
     stack_by_hand,
     stack_of,
+    structures,
     to_float64,
     TOL32,
     TOL64,
@@ -69,10 +69,15 @@ def _outputs_and_grads(model, xs, states, options, all_layers):
 # and `resets` (including resets at chunk boundaries, which a backwards read must
 # carry from one chunk into the next), `unroll`, every path (`fast`: None for the
 # default, by width, True for the fast path; with `length` or `resets` the
-# reference path is taken) and `all_layers`.
-# (config, direction, chunks, lengths?, resets?, unroll, fast, all_layers)
+# reference path is taken) and `all_layers`. The quick loop runs the first three:
+# lengths and resets read backwards in chunks, the fast path reversed, the default
+# path. (config, direction, chunks, lengths?, resets?, unroll, fast, all_layers)
 CHECKPOINTED = [
     (Config("lstm", 2, (3, 4), True, 7), "reverse", 2, True, True, 1, None, True),
+    (Config("lstm", 2, (4, 3), False, 9), "reverse", True, False, False, 2, True, True),
+    # The default path (fused, where the accelerator is installed) in chunks
+    # longer than the sequence.
+    (Config("gru", 2, (4, 4), True, 6), "forward", 10, False, False, 1, None, False),
     (
         Config("rnn_tanh", 2, (3, 4), True, 9),
         "reverse",
@@ -93,17 +98,14 @@ CHECKPOINTED = [
         True,
         True,
     ),
-    (Config("lstm", 2, (4, 3), False, 9), "reverse", True, False, False, 2, True, True),
-    # The default path (fused, where the accelerator is installed) in chunks
-    # longer than the sequence.
-    (Config("gru", 2, (4, 4), True, 6), "forward", 10, False, False, 1, None, False),
 ]
 
 
 @pytest.mark.parametrize(
     "cfg, direction, chunk, has_lengths, has_resets, unroll, fast, all_layers",
-    CHECKPOINTED,
-    ids=[f"{c[0].kind}-{c[1]}" for c in CHECKPOINTED],
+    structures(
+        CHECKPOINTED, quick=3, ids=[f"{c[0].kind}-{c[1]}" for c in CHECKPOINTED]
+    ),
 )
 @given(
     lengths=st.lists(st.integers(1, 9), min_size=2, max_size=2),
@@ -169,17 +171,20 @@ _grads_and_outputs = eqx.filter_jit(eqx.filter_grad(_loss, has_aux=True))
 
 @pytest.mark.parametrize(
     "cfg, direction, chunk, regularisers",
-    [
-        (Config("gru", 3, (4, 4), True, 7), "forward", 3, PER_SEQUENCE[0]),
-        (Config("lstm", 3, (4, 4, 4), True, 7), "reverse", 2, PER_SEQUENCE[1]),
-        (
-            Config("rnn_relu", 3, (4, 4), False, 7),
-            "bidirectional",
-            (3, 2),
-            dict(dropout=0.5, zoneout=0.3, recurrent_dropout=0.2, residual=True),
-        ),
-    ],
-    ids=DIRECTIONS,
+    structures(
+        [
+            (
+                Config("rnn_relu", 3, (4, 4), False, 7),
+                "bidirectional",
+                (3, 2),
+                dict(dropout=0.5, zoneout=0.3, recurrent_dropout=0.2, residual=True),
+            ),
+            (Config("gru", 3, (4, 4), True, 7), "forward", 3, PER_SEQUENCE[0]),
+            (Config("lstm", 3, (4, 4, 4), True, 7), "reverse", 2, PER_SEQUENCE[1]),
+        ],
+        quick=1,
+        ids=["bidirectional", "forward", "reverse"],
+    ),
 )
 @given(seed=seeds)
 def test_sequence_masks_are_the_plain_ones(cfg, direction, chunk, regularisers, seed):
@@ -214,11 +219,14 @@ _reference_grads_and_outputs = eqx.filter_jit(
 
 @pytest.mark.parametrize(
     "cfg, reverse, chunk",
-    [
-        (Config("gru", 2, (3, 4), True, 7), False, (3, 2)),
-        (Config("lstm", 2, (3, 4), True, 5), True, True),
-    ],
-    ids=["forward", "reverse"],
+    structures(
+        [
+            (Config("gru", 2, (3, 4), True, 7), False, (3, 2)),
+            (Config("lstm", 2, (3, 4), True, 5), True, True),
+        ],
+        quick=1,
+        ids=["forward", "reverse"],
+    ),
 )
 @given(seed=seeds)
 def test_step_masks_are_drawn_per_chunk(cfg, reverse, chunk, seed):

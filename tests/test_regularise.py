@@ -23,12 +23,14 @@ from .helpers import (
     call,
     Config,
     DIRECTIONS,
+    directions,
     inputs,
     make_cells,
     make_stack,
     seeds,
     stack_by_hand,
     stack_of,
+    structures,
     TOL32 as TOL,
     tree_allclose,
     tree_equal,
@@ -308,7 +310,7 @@ def test_variational_dropout_under_vmap_draws_per_example_masks(getkey):
 # ---------------------------------------------------------------- residual
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("direction", directions())
 @given(seed=seeds)
 def test_residual_equals_the_hand_written_sum(direction, seed):
     cfg = SHAPES[direction]
@@ -353,7 +355,9 @@ def _runs_per_mask(stack, xs, outputs, candidates):
     return runs
 
 
-@pytest.mark.parametrize("kind", ["rnn_tanh", "gru", "lstm", "lstm_proj"])
+@pytest.mark.parametrize(
+    "kind", structures(["gru", "lstm_proj", "rnn_tanh", "lstm"], quick=2)
+)
 def test_recurrent_dropout_is_one_mask_per_sequence(kind, getkey):
     """Trying every mask in {0, 1/(1-p)}^output on every layer and direction: exactly
     one, held over the whole sequence, gives the stack's outputs."""
@@ -406,7 +410,7 @@ STATE_OUT = {
 }
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("direction", directions())
 @given(length=st.integers(1, 5), seed=seeds)
 def test_zoneout_keeps_or_updates_each_unit(direction, length, seed):
     """Elman and GRU cells output their state, so every step can be checked: each
@@ -582,7 +586,7 @@ def test_drop_weights_without_weight_drop_is_the_stack(getkey):
     assert stackrnn.drop_weights(stack, getkey()) is stack
 
 
-@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("kind", structures(["gru", "lstm"], quick=1))
 def test_weight_drop_fast_path_equals_reference(kind, getkey):
     """Values and gradients under `vmap` with a key per example (one masked weight
     matrix each), in float64."""
@@ -675,7 +679,7 @@ def _squares(model, xs, keys):
 _grad_each = eqx.filter_jit(eqx.filter_grad(_squares, has_aux=True))
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("direction", directions())
 @given(seed=seeds)
 def test_keyed_and_consistent_under_jit_vmap_and_grad(direction, seed):
     """Every option on: the masks are the reference's, drawn from the key as
@@ -873,7 +877,7 @@ def _per_layer_by_hand(stack, xs, key, checkpoint):
     return stack_by_hand(by_hand, xs, inference=False)[0]
 
 
-@pytest.mark.parametrize("checkpoint", [False, 2])
+@pytest.mark.parametrize("checkpoint", structures([2, False], quick=1))
 def test_per_layer_wrappers_equal_the_loops_under_vmap_and_jit(checkpoint, getkey):
     stack = _per_layer_stack(getkey(), checkpoint)
     xs = jr.normal(getkey(), (4, 6, 3))

@@ -17,6 +17,7 @@ from .helpers import (
     call,
     Config,
     DIRECTIONS,
+    directions,
     inputs,
     make_cells,
     make_stack,
@@ -24,6 +25,7 @@ from .helpers import (
     seeds,
     stack_by_hand,
     stack_of,
+    structures,
     TOL32,
     tree_allclose,
     tree_equal,
@@ -138,7 +140,8 @@ def _loss(args, n, resets):
 _value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_loss))
 
 
-# Every cell kind and direction somewhere, each with a length inside the sequence.
+# Every cell kind and direction somewhere, each with a length inside the sequence;
+# the first three (one per direction) in the quick loop.
 PADDED = [
     ("rnn_tanh", "bidirectional", 1),
     ("rnn_relu", "reverse", 4),
@@ -150,7 +153,7 @@ PADDED = [
 ]
 
 
-@pytest.mark.parametrize("kind, direction, length", PADDED)
+@pytest.mark.parametrize("kind, direction, length", structures(PADDED, quick=3))
 @given(fill=st.sampled_from([np.nan, np.inf, -np.inf, 1e30]), flags=flags, seed=seeds)
 def test_padding_never_reaches_values_or_gradients(
     kind, direction, length, fill, flags, seed
@@ -268,7 +271,7 @@ def test_step_dropout(getkey):
     assert tree_equal(quiet_model.step(x, state), stack.step(x, state, inference=True))
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("direction", directions())
 @given(seed=seeds)
 def test_all_layers_are_each_layers_outputs_before_dropout(direction, seed):
     """With `all_layers`, one output per layer, the last the top layer's: each
@@ -393,7 +396,7 @@ def _both(stack, unrolled, xs, options):
     return stack(xs, **options), unrolled(xs, **options)
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("direction", directions())
 @given(length=st.integers(1, 6), flags=flags, seed=seeds)
 def test_unroll_reaches_every_scan_and_keeps_results(direction, length, flags, seed):
     cfg, unroll = SHAPES[direction], UNROLL[direction]

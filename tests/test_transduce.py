@@ -19,6 +19,7 @@ from .helpers import (
     Config,
     make_stack,
     seeds,
+    structures,
     to_float64,
     tree_allclose,
     with_options,
@@ -80,8 +81,7 @@ TRANSDUCED = [
 
 @pytest.mark.parametrize(
     "cfg, direction, checkpoint, regularised",
-    TRANSDUCED,
-    ids=[f"{c[0].kind}-{c[1]}" for c in TRANSDUCED],
+    structures(TRANSDUCED, quick=2, ids=[f"{c[0].kind}-{c[1]}" for c in TRANSDUCED]),
 )
 @given(seed=seeds)
 def test_transduce_equals_decode_of_call(cfg, direction, checkpoint, regularised, seed):
@@ -163,7 +163,8 @@ def test_streamed_loss_memory_does_not_grow_with_the_sequence(getkey):
     assert plain[1] / plain[0] > 10
 
 
-@pytest.mark.parametrize("checkpoint", [True, 3, (4, 2)])
+# (A tuple case holds the arguments: the nested chunks are a tuple in a tuple.)
+@pytest.mark.parametrize("checkpoint", structures([((4, 2),), True, 3], quick=1))
 def test_sequence_loss_streams_the_same_loss(checkpoint, getkey):
     """The streamed loss and its gradient equal those of the plain model."""
     with x64(True):
