@@ -22,7 +22,6 @@ import stackrnn
 from .helpers import (
     call,
     Config,
-    DIRECTIONS,
     directions,
     inputs,
     make_cells,
@@ -234,7 +233,7 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("direction", directions())
 @given(seed=seeds)
 def test_zero_rates_equal_the_plain_stack_bit_for_bit(direction, seed):
     cfg = SHAPES[direction]
@@ -475,7 +474,7 @@ def test_zoneout_on_lstm_hidden_and_cell_states(rates, getkey):
         assert kept.any() == (rate > 0)
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("direction", directions())
 @given(seed=seeds)
 def test_zoneout_at_inference_is_the_expectation(direction, seed):
     """One rate, or (LSTMs) one for `h` and one for `c`."""

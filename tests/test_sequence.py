@@ -16,7 +16,6 @@ from .helpers import (
     by_hand,
     call,
     Config,
-    DIRECTIONS,
     directions,
     inputs,
     make_cells,
@@ -53,7 +52,7 @@ def _example(tree, b):
     return jax.tree.map(lambda a: a[b], tree)
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("direction", directions())
 @given(
     lengths=st.lists(st.integers(1, 6), min_size=2, max_size=2),
     flags=st.lists(flags, min_size=2, max_size=2),
@@ -196,7 +195,7 @@ def _reads_forwards(stack, index):
     return not stack.reverse and (not stack.bidirectional or index % 2 == 0)
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("direction", directions())
 @given(flags=st.lists(flags, min_size=2, max_size=2), seed=seeds)
 def test_resets_equal_splitting_into_fresh_segments(direction, flags, seed):
     cfg = SHAPES[direction]
