@@ -490,8 +490,8 @@ def check_step_matches_scan(
 
 @eqx.filter_jit
 def _grads_and_clipped_norm(model, loss, args, max_norm):
-    """The gradients and their global norm once clipped, in one compiled program:
-    clipped eagerly, every leaf's shape compiled programs of its own."""
+    """The gradients and their global norm once clipped, in one compiled program
+    (clipping eagerly compiled programs for every leaf's shape)."""
     grads = eqx.filter_grad(loss)(model, *args)
     clip = optax.clip_by_global_norm(max_norm)
     clipped, _ = clip.update(grads, clip.init(grads))

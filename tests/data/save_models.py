@@ -70,8 +70,8 @@ def models():
 
 @eqx.filter_jit
 def _both_outputs(model, inputs, key):
-    """At inference and in training from `key`, compiled as one program per model
-    (eager, each operation of each model compiled on its own)."""
+    """The outputs at inference and in training from `key`, as one compiled program
+    per model (eagerly, every operation compiled a program of its own)."""
     if isinstance(model, stackrnn.lm.RNNLM):
         call = lambda **kw: model(inputs, **kw)[0]  # noqa: E731
     else:
