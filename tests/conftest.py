@@ -81,9 +81,11 @@ def getkey():
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drops every compiled program after each test module. JAX keeps them all for
-    the life of the process, and XLA:CPU maps memory for each: the whole suite
-    compiles enough of them to pass Linux's limit of 65530 mappings per process
-    (`vm.max_map_count`), after which XLA's compiler crashes."""
+    the life of the process, and XLA:CPU maps memory for each: held for the whole
+    suite, they would take several times the memory and, in one process (`-n 0`),
+    half of Linux's limit of 65530 mappings (`vm.max_map_count`), past which XLA's
+    compiler crashes. Keeping them saves no time: a later module loads the programs
+    it shares with an earlier one from the disk cache."""
     yield
     jax.clear_caches()
     gc.collect()

@@ -34,6 +34,7 @@ from .helpers import seeds, stack_of
 KEY = jr.key(0)
 
 
+@pytest.mark.slow
 def test_hypothesis_is_optional():
     code = (
         "import sys; sys.modules['hypothesis'] = None\n"
