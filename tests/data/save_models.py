@@ -72,10 +72,11 @@ def models():
 def _both_outputs(model, inputs, key):
     """The outputs at inference and in training from `key`, as one compiled program
     per model (eagerly, every operation compiled a program of its own)."""
-    if isinstance(model, stackrnn.lm.RNNLM):
-        call = lambda **kw: model(inputs, **kw)[0]  # noqa: E731
-    else:
-        call = lambda **kw: model(inputs, **kw)  # noqa: E731
+
+    def call(**kw):
+        out = model(inputs, **kw)
+        return out[0] if isinstance(model, stackrnn.lm.RNNLM) else out
+
     return call(inference=True), call(key=key, inference=False)
 
 
